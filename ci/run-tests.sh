@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# The project's CPU test command: for each sglang version, a venv with that sglang, the plugin
+# installed the way users install it (so sglang's own load_plugins() finds its entry point), and
+# the test suite. GPU tests (marked `gpu`) skip themselves without CUDA.
+#
+#   bash ci/run-tests.sh                 # sglang 0.5.12 and 0.5.23 (the newest on PyPI today)
+#   SGLANG_VERSIONS="0.5.12" bash ci/run-tests.sh -k qkv    # extra args go to pytest
+set -euo pipefail
+cd "$(dirname "$0")/.."
+versions=${SGLANG_VERSIONS:-"0.5.12 0.5.23"}
+venv_root=${VENV_ROOT:-.venvs}
+status=0
+for v in $versions; do
+  venv="$venv_root/sglang-$v"
+  if [ ! -x "$venv/bin/python" ] || [ ! -f "$venv/.complete" ]; then
+    bash ci/install-test-env.sh "$v" "$venv"
+    touch "$venv/.complete"
+  fi
+  echo "=== sglang $v: installing the plugin"
+  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation --force-reinstall . >/dev/null
+  echo "=== sglang $v: pytest"
+  # Run from tests/ so `import sglang_gemma4_opt` resolves to the installed copy, not the checkout.
+  (cd tests && "../$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" .) || status=1
+done
+exit $status

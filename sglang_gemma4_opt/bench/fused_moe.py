@@ -1,0 +1,175 @@
+"""Suite fused_moe: sglang's Triton fused MoE with the config sglang picks stock vs the one the plugin
+makes it pick (the plugin serves config tables through `get_moe_configs`).
+
+Gemma4 26B-A4B experts: E=128, intermediate N=704, hidden K=2816, top-8, bf16, gelu (as Gemma4MoE
+builds FusedMoE), all experts local (TP=1, no EP: sglang then runs with filter_expert=False).
+Routing is random top-8 over all 128 experts, fresh per captured call, so consecutive calls stream
+different experts' weights (the touched weights of one call, ~95 MB at M=1, exceed the L2).
+"""
+
+from __future__ import annotations
+
+from .common import record
+from .flops import moe_flops, moe_weight_bytes
+
+SUITE = "fused_moe"
+E, N, K, TOPK = 128, 704, 2816, 8
+SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
+QUICK_SIZES = (1, 64, 1024, 4096)
+COLUMNS = ["M", "stock cfg (M,N,K)", "plugin cfg (M,N,K)", "stock us", "plugin us", "speedup", "plugin TB/s",
+           "plugin TFLOP/s", "max|d|"]
+
+MODULE_CFG = "sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe_triton_config"
+
+
+def cases(sizes=None, quick=False):
+    ms = sizes or (QUICK_SIZES if quick else SIZES)
+    return [{"E": E, "N": N, "K": K, "topk": TOPK, "M": int(m), "dtype": "bfloat16"} for m in ms]
+
+
+class Weights:
+    """The experts' weights, made once per run (1.5 GB) and shared by all sizes."""
+
+    def __init__(self, E=E, N=N, K=K, device="cuda"):
+        import torch
+
+        # Scaled like trained weights (unit-variance outputs), so activations stay in bf16's range.
+        self.w13 = (torch.randn(E, 2 * N, K, device=device) * K ** -0.5).to(torch.bfloat16)
+        self.w2 = (torch.randn(E, K, N, device=device) * N ** -0.5).to(torch.bfloat16)
+
+
+def random_routing(M, E=E, topk=TOPK, device="cuda"):
+    """Top-k distinct experts per token, uniformly at random over all E; softmax weights (fp32, int32
+    ids, as Gemma4's routing function returns them)."""
+    import torch
+
+    ids = torch.rand(M, E, device=device).topk(topk, dim=-1).indices.to(torch.int32)
+    w = torch.softmax(torch.randn(M, topk, device=device), dim=-1).to(torch.float32)
+    return w, ids
+
+
+def runner_config(E=E, N=N, K=K, topk=TOPK):
+    import torch
+    from sglang.srt.layers.moe.moe_runner import MoeRunnerConfig
+
+    # As FusedMoE builds it for Gemma4 (activation gelu), out of place so replays leave inputs alone.
+    return MoeRunnerConfig(num_experts=E, num_local_experts=E, hidden_size=K, intermediate_size_per_partition=N,
+                           top_k=topk, params_dtype=torch.bfloat16, activation="gelu", inplace=False)
+
+
+def topk_output(w, ids):
+    try:
+        from sglang.srt.layers.moe.topk import StandardTopKOutput
+
+        return StandardTopKOutput(w, ids, None)
+    except ImportError:
+        return (w, ids, None)
+
+
+def fused_experts_fn():
+    from sglang.srt.layers.moe.moe_runner.triton_utils import fused_experts
+
+    return fused_experts
+
+
+def picked_config(sbs, which, M, weights, topk=TOPK):
+    """(config, down_config) sglang's lookup returns for M with the stock or the plugin get_moe_configs."""
+    import importlib
+
+    cfg_mod = importlib.import_module(MODULE_CFG)
+    with sbs.use("moe_configs", which):
+        cfg, (down, _) = cfg_mod.try_get_optimal_moe_config(weights.w13.shape, weights.w2.shape, topk, None, M,
+                                                            return_down_config=True)
+    return dict(cfg), (dict(down) if down else None)
+
+
+def _cfg_short(cfg):
+    return f"{cfg['BLOCK_SIZE_M']},{cfg['BLOCK_SIZE_N']},{cfg['BLOCK_SIZE_K']}"
+
+
+def run_case(ctx, case):
+    import torch
+
+    sbs = ctx.sbs
+    if "moe_configs" not in sbs.targets:
+        raise RuntimeError("this sglang has no get_moe_configs")
+    if ctx.moe_weights is None:
+        ctx.moe_weights = Weights()
+    wts = ctx.moe_weights
+    M = case["M"]
+    fused_experts = fused_experts_fn()
+    rcfg = runner_config()
+
+    def run(x, w, ids):
+        return fused_experts(x, wts.w13, wts.w2, topk_output(w, ids), rcfg)
+
+    # Same inputs through both configs: how far apart are they (tiles change the K-reduction order,
+    # so not bit-exact; the GPU tests hold each against a float32 reference).
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
+    w, ids = random_routing(M)
+    with sbs.use("moe_configs", "stock"):
+        out_s = run(x, w, ids).clone()
+    with sbs.use("moe_configs", "plugin"):
+        out_p = run(x, w, ids).clone()
+    torch.cuda.synchronize()
+    max_abs_diff = float((out_s.float() - out_p.float()).abs().max())
+    rel_diff = float((out_s.float() - out_p.float()).norm() / out_s.float().norm().clamp_min(1e-30))
+    finite = bool(torch.isfinite(out_s).all() and torch.isfinite(out_p).all())
+
+    with sbs.use("moe_configs", "plugin"):
+        est = ctx.estimate(lambda i: run(x, w, ids))
+    calls = ctx.calls_for(est)
+    # Fresh routing per captured call; hidden states rotate too where memory allows.
+    routes = [random_routing(M) for _ in range(calls)]
+    n_x = int(max(1, min(calls, (256 << 20) // (M * K * 2))))
+    xs = [torch.randn(M, K, device="cuda", dtype=torch.bfloat16) for _ in range(n_x)]
+    touched = sum(int(torch.unique(r[1]).numel()) for r in routes) / len(routes)
+
+    def step(i):
+        rw, rid = routes[i % len(routes)]
+        run(xs[i % n_x], rw, rid)
+
+    timings = ctx.time({
+        "stock": (step, lambda: sbs.use("moe_configs", "stock")),
+        "plugin": (step, lambda: sbs.use("moe_configs", "plugin")),
+    }, calls=calls)
+    cfg_s, down_s = picked_config(sbs, "stock", M, wts)
+    cfg_p, down_p = picked_config(sbs, "plugin", M, wts)
+    flops = moe_flops(M, N, K, TOPK)
+    nbytes = moe_weight_bytes(touched, N, K)
+    t_s, t_p = timings["stock"].median_us, timings["plugin"].median_us
+    rec = record(
+        SUITE, dict(case), "sglang stock config" + (" (default)" if _is_default(sbs, wts) else ""),
+        "plugin config", timings["stock"], timings["plugin"],
+        baseline_config=cfg_s, baseline_down_config=down_s, candidate_config=cfg_p, candidate_down_config=down_p,
+        flops=flops, flop_count="2 * M * topk * (2N*K + N*K)",
+        experts_touched=touched, weight_bytes=nbytes,
+        byte_count="weights of the experts touched (mean over the captured calls), w13 2N*K + w2 K*N, bf16",
+        candidate_tflops=flops / (t_p * 1e-6) / 1e12, baseline_tflops=flops / (t_s * 1e-6) / 1e12,
+        candidate_tbps=nbytes / (t_p * 1e-6) / 1e12, baseline_tbps=nbytes / (t_s * 1e-6) / 1e12,
+        max_abs_diff=max_abs_diff, rel_diff=rel_diff, outputs_finite=finite,
+        plugin_status=sbs.status("moe_configs"),
+    )
+    if ctx.hbm_tbps:
+        rec["hbm_roof_tbps"] = ctx.hbm_tbps
+        rec["candidate_roof_frac"] = rec["candidate_tbps"] / ctx.hbm_tbps
+    if ctx.mm_tflops:
+        rec["matmul_roof_tflops"] = ctx.mm_tflops
+    return rec
+
+
+def _is_default(sbs, wts):
+    """True when sglang's own lookup finds no table for this shape (so it falls back to its default)."""
+    with sbs.use("moe_configs", "stock"):
+        fn = sbs.stock["moe_configs"]
+        return fn(wts.w2.shape[0], wts.w2.shape[2], None, 0, 0, False, False) is None
+
+
+def table_row(r):
+    c = r["case"]
+    return [str(c["M"]), _cfg_short(r["baseline_config"]), _cfg_short(r["candidate_config"]), r["baseline_us"],
+            r["candidate_us"], f"{r['speedup']:.2f}x", r["candidate_tbps"], r["candidate_tflops"], r["max_abs_diff"]]
+
+
+def size_label(c):
+    return str(c["M"]), f"E{c['E']} N{c['N']} K{c['K']} top{c['topk']}"

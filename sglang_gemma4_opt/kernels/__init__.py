@@ -1,0 +1,1 @@
+"""Kernels and reference math of the plugin; wrappers are thin, patching lives in `..patches`."""

@@ -1,0 +1,9 @@
+"""The patch table: `apply()`, `status` and the tests all read this one list, in this order.
+
+Each module opens with its target, why, the upstream PR and when it can be removed.
+"""
+
+from . import extend_attention_blocks, moe_configs, qkv_rmsnorm, unfused_routing
+
+PATCHES = (extend_attention_blocks, qkv_rmsnorm, moe_configs, unfused_routing)
+PATCH_NAMES = tuple(p.NAME for p in PATCHES)

@@ -1,0 +1,29 @@
+"""Environment switches, read each time they are needed (never cached at import).
+
+SGLANG_GEMMA4_OPT=0            turns the whole plugin off (also: false, off, no).
+SGLANG_GEMMA4_OPT_DISABLE=a,b  turns off single patches by name (see `sglang-gemma4-opt status`);
+                               `all` turns every patch off.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV_ENABLE = "SGLANG_GEMMA4_OPT"
+ENV_DISABLE = "SGLANG_GEMMA4_OPT_DISABLE"
+
+_FALSE = {"0", "false", "off", "no", "disable", "disabled"}
+
+
+def plugin_enabled() -> bool:
+    return os.environ.get(ENV_ENABLE, "1").strip().lower() not in _FALSE
+
+
+def disabled_patches() -> set[str]:
+    raw = os.environ.get(ENV_DISABLE, "")
+    return {p.strip() for p in raw.replace(";", ",").replace(" ", ",").split(",") if p.strip()}
+
+
+def patch_enabled(name: str) -> bool:
+    off = disabled_patches()
+    return plugin_enabled() and name not in off and "all" not in off
