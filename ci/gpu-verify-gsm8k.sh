@@ -13,7 +13,10 @@
 # From the repo root, carrying .gpu-bundle (sglang 0.5.12 offline bundle) and .upstream:
 #   bash ci/gpu-verify-gsm8k.sh [UPSTREAM_SRC]          # default .upstream/sglang-0.5.23
 # Env: OUT (where the <= 6 result files go; default ./gpu-verify-out), NUM_QUESTIONS (20),
-#   MAX_NEW_TOKENS (256), GSM8K_TIMEOUT (420 s for both server runs), STEPS ("drift gsm8k").
+#   MAX_NEW_TOKENS (256), GSM8K_TIMEOUT (420 s for both server runs), STEPS ("drift gsm8k"),
+#   GRAMMAR_ARGS (default "--grammar-backend none --skip-server-warmup": the offline bundle has no
+#   xgrammar, which the scheduler imports at start for its default grammar backend, and the warm-up
+#   request is a chat request the dummy tokenizer's template need not serve; set it empty elsewhere).
 # Results in $OUT: verify.log, routing_drift.json/.md, gsm8k_report.json/.md, logs.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -85,7 +88,7 @@ if has_step gsm8k; then
   timeout -s TERM -k 60 "$GSM8K_TIMEOUT" python3 -m sglang_gemma4_opt gsm8k \
     --write-dummy-models "$W/models" --num-questions "$NUM_QUESTIONS" --parallel "$NUM_QUESTIONS" \
     --max-new-tokens "$MAX_NEW_TOKENS" --context-length 4096 --startup-timeout 300 \
-    --extra-server-args="--cuda-graph-max-bs 32" --out "$W/gsm8k"
+    --extra-server-args="--cuda-graph-max-bs 32 ${GRAMMAR_ARGS---grammar-backend none --skip-server-warmup}" --out "$W/gsm8k"
   rc=$?
   say "gsm8k exit code $rc (0 expected: random weights are reported, not enforced)"
   cp "$W/gsm8k/gsm8k_report.json" "$W/gsm8k/gsm8k_report.md" "$OUT/" 2>/dev/null || say "no gsm8k report"

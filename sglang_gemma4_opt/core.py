@@ -12,6 +12,7 @@ the hook, the patch's other targets are rolled back so nothing is half-applied. 
 from __future__ import annotations
 
 import logging
+import os
 import pkgutil
 import sys
 import threading
@@ -144,6 +145,23 @@ def _raw(owner, attr):
     return getattr(owner, attr, None)
 
 
+def _ensure_log_handler() -> None:
+    """Make the per-patch lines visible in every sglang process.
+
+    sglang's scheduler processes call load_plugins() before they configure logging, so at that
+    moment INFO records would be dropped. With no configured root handler, the plugin's logger gets
+    its own stderr handler in sglang's format (and stops propagating, so nothing prints twice).
+    """
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    h = logging.StreamHandler()
+    h.setFormatter(logging.Formatter("[%(asctime)s] %(message)s", "%Y-%m-%d %H:%M:%S"))
+    logger.addHandler(h)
+    logger.propagate = False
+    if logger.level == logging.NOTSET:
+        logger.setLevel(logging.INFO)
+
+
 def _log(result: PatchResult) -> None:
     msg = "sglang-gemma4-opt: patch %s: %s%s"
     args = (result.name, result.status, f" ({result.reason})" if result.reason else "")
@@ -161,6 +179,7 @@ def apply() -> dict[str, PatchResult]:
             return _results
         from .patches import PATCHES
 
+        _ensure_log_handler()
         results: dict[str, PatchResult] = {}
         if not settings.plugin_enabled():
             for p in PATCHES:
@@ -181,6 +200,13 @@ def apply() -> dict[str, PatchResult]:
                     res = PatchResult(p.NAME, FAILED, f"{type(e).__name__}: {e}")
             results[p.NAME] = res
             _log(res)
+        counts: dict[str, int] = {}
+        for r in results.values():
+            counts[r.status] = counts.get(r.status, 0) + 1
+        from . import __version__
+
+        logger.info("sglang-gemma4-opt %s in pid %d: %s", __version__, os.getpid(),
+                    ", ".join(f"{n} {st}" for st, n in counts.items()))
         _results = results
         return results
 

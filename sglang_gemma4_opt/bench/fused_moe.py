@@ -9,6 +9,10 @@ different experts' weights (the touched weights of one call, ~95 MB at M=1, exce
 
 from __future__ import annotations
 
+import contextlib
+from functools import lru_cache
+from pathlib import Path
+
 from .common import record
 from .flops import moe_flops, moe_weight_bytes
 
@@ -72,12 +76,49 @@ def fused_experts_fn():
     return fused_experts
 
 
+@contextlib.contextmanager
+def use_tables(sbs, folder):
+    """sglang's lookup serves the tables in `folder` (a folder of sglang-named tables, or a configs root
+    with triton_x_y_z/ folders); a shape with no file there gets None, as sglang's lookup would."""
+    import triton
+
+    from ..patches.moe_configs import load_table, version_dir
+
+    t = sbs.targets["moe_configs"]
+    mod = t.module
+    dirs = [Path(folder) / version_dir(triton.__version__), Path(folder)]
+
+    @lru_cache(maxsize=None)
+    def lookup(E, N, dtype, block_n=0, block_k=0, per_channel_quant=False, down_moe=False):
+        name = mod.get_config_file_name(E, N, dtype, [block_n, block_k], per_channel_quant, down_moe=down_moe)
+        for d in dirs:
+            if (d / name).exists():
+                return load_table(d / name)
+        return None
+
+    old = mod.__dict__[t.attr]
+    setattr(mod, t.attr, lookup)
+    try:
+        yield lookup
+    finally:
+        setattr(mod, t.attr, old)
+
+
+def baseline_use(ctx):
+    """Context factory for the baseline side: sglang's stock lookup, or --moe-baseline's tables."""
+    folder = getattr(ctx, "moe_baseline", None)
+    if folder:
+        return lambda: use_tables(ctx.sbs, folder)
+    return lambda: ctx.sbs.use("moe_configs", "stock")
+
+
 def picked_config(sbs, which, M, weights, topk=TOPK):
-    """(config, down_config) sglang's lookup returns for M with the stock or the plugin get_moe_configs."""
+    """(config, down_config) sglang's lookup returns for M with the stock or the plugin get_moe_configs
+    (`which` may also be a context factory, e.g. `baseline_use(ctx)`)."""
     import importlib
 
     cfg_mod = importlib.import_module(MODULE_CFG)
-    with sbs.use("moe_configs", which):
+    with (which() if callable(which) else sbs.use("moe_configs", which)):
         cfg, (down, _) = cfg_mod.try_get_optimal_moe_config(weights.w13.shape, weights.w2.shape, topk, None, M,
                                                             return_down_config=True)
     return dict(cfg), (dict(down) if down else None)
@@ -93,12 +134,15 @@ def run_case(ctx, case):
     sbs = ctx.sbs
     if "moe_configs" not in sbs.targets:
         raise RuntimeError("this sglang has no get_moe_configs")
-    if ctx.moe_weights is None:
-        ctx.moe_weights = Weights()
+    n = case.get("N", N)
+    if ctx.moe_weights is None or ctx.moe_weights.w2.shape[2] != n:
+        ctx.moe_weights = None
+        ctx.moe_weights = Weights(N=n)
     wts = ctx.moe_weights
     M = case["M"]
     fused_experts = fused_experts_fn()
-    rcfg = runner_config()
+    rcfg = runner_config(N=n)
+    base_use = baseline_use(ctx)
 
     def run(x, w, ids):
         return fused_experts(x, wts.w13, wts.w2, topk_output(w, ids), rcfg)
@@ -107,7 +151,7 @@ def run_case(ctx, case):
     # so not bit-exact; the GPU tests hold each against a float32 reference).
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
     w, ids = random_routing(M)
-    with sbs.use("moe_configs", "stock"):
+    with base_use():
         out_s = run(x, w, ids).clone()
     with sbs.use("moe_configs", "plugin"):
         out_p = run(x, w, ids).clone()
@@ -130,16 +174,18 @@ def run_case(ctx, case):
         run(xs[i % n_x], rw, rid)
 
     timings = ctx.time({
-        "stock": (step, lambda: sbs.use("moe_configs", "stock")),
+        "stock": (step, base_use),
         "plugin": (step, lambda: sbs.use("moe_configs", "plugin")),
     }, calls=calls)
-    cfg_s, down_s = picked_config(sbs, "stock", M, wts)
+    cfg_s, down_s = picked_config(sbs, base_use, M, wts)
     cfg_p, down_p = picked_config(sbs, "plugin", M, wts)
-    flops = moe_flops(M, N, K, TOPK)
-    nbytes = moe_weight_bytes(touched, N, K)
+    flops = moe_flops(M, n, K, TOPK)
+    nbytes = moe_weight_bytes(touched, n, K)
     t_s, t_p = timings["stock"].median_us, timings["plugin"].median_us
     rec = record(
-        SUITE, dict(case), "sglang stock config" + (" (default)" if _is_default(sbs, wts) else ""),
+        SUITE, dict(case, N=n),
+        (ctx.moe_baseline_label or f"tables in {ctx.moe_baseline}") if getattr(ctx, "moe_baseline", None)
+        else "sglang stock config" + (" (default)" if _is_default(sbs, wts) else ""),
         "plugin config", timings["stock"], timings["plugin"],
         baseline_config=cfg_s, baseline_down_config=down_s, candidate_config=cfg_p, candidate_down_config=down_p,
         flops=flops, flop_count="2 * M * topk * (2N*K + N*K)",

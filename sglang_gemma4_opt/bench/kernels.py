@@ -45,6 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-roofs", action="store_true", help="skip measuring copy bandwidth and matmul rate")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--moe-n", type=int, default=None, metavar="N",
+                   help="fused_moe: intermediate size per TP rank (default 704, TP=1; 352 is TP=2)")
+    p.add_argument("--moe-baseline", default=None, metavar="DIR",
+                   help="fused_moe: baseline = the tables in DIR (a folder of sglang-named tables or a configs "
+                        "root with triton_x_y_z/) instead of sglang's stock lookup")
+    p.add_argument("--moe-baseline-label", default=None, help="fused_moe: name of that baseline in the records")
 
 
 @dataclasses.dataclass
@@ -59,6 +65,8 @@ class Ctx:
     hbm_tbps: float | None = None
     mm_tflops: float | None = None
     moe_weights: Any = None
+    moe_baseline: str | None = None
+    moe_baseline_label: str | None = None
 
     def time(self, variants, calls):
         return common.time_variants(variants, calls=calls, rounds=self.rounds, budget_s=self.budget_s)
@@ -104,6 +112,8 @@ def plan(args):
             cs = mod.cases(shapes or None, args.quick)
         else:
             cs = mod.cases(ms or None, args.quick)
+            if suite == "fused_moe" and getattr(args, "moe_n", None):
+                cs = [dict(c, N=args.moe_n) for c in cs]
         out.append((suite, mod, cs))
     return out
 
@@ -129,7 +139,8 @@ def run(args) -> int:
     budget = args.budget or (0.1 if args.quick else 0.3)
     props = torch.cuda.get_device_properties(0)
     sbs = common.side_by_side()
-    ctx = Ctx(sbs, rounds, budget, args.max_calls, int(getattr(props, "L2_cache_size", 50 << 20)))
+    ctx = Ctx(sbs, rounds, budget, args.max_calls, int(getattr(props, "L2_cache_size", 50 << 20)),
+              moe_baseline=getattr(args, "moe_baseline", None), moe_baseline_label=getattr(args, "moe_baseline_label", None))
     gpu = common.gpu_name()
     print(f"{gpu}: " + ", ".join(f"{k} {v}" for k, v in common.versions().items()))
     for key in sbs.targets:
@@ -142,6 +153,8 @@ def run(args) -> int:
     header.update(rounds=rounds, budget_s=budget, max_calls=args.max_calls, seed=args.seed,
                   hbm_roof_tbps=ctx.hbm_tbps, matmul_roof_tflops=ctx.mm_tflops,
                   patches={k: sbs.status(k) for k in sbs.targets})
+    if ctx.moe_baseline:
+        header.update(moe_baseline=ctx.moe_baseline, moe_baseline_label=ctx.moe_baseline_label)
     all_records: dict[str, list[dict]] = {}
     failures = 0
     paths = []

@@ -64,10 +64,13 @@ DRAFT_OWN = {
 
 
 def target_config() -> dict:
+    # The marker-token ids are written out: sglang's Gemma4 multimodal processor reads all seven from
+    # the config, and transformers 5.6.0's Gemma4Config has no default for some (eoa_token_id).
+    ids = {f"{k}_id": i for k, (_, i) in MM_TOKENS.items()}
     return {"architectures": ["Gemma4ForConditionalGeneration"], "model_type": "gemma4",
             "text_config": copy.deepcopy(TARGET_TEXT), "vision_config": {"model_type": "gemma4_vision"},
             "audio_config": None, "tie_word_embeddings": True, "eos_token_id": 1, "pad_token_id": 0,
-            "bos_token_id": 2, "torch_dtype": "bfloat16"}
+            "bos_token_id": 2, "torch_dtype": "bfloat16", **ids}
 
 
 def transformers_knows(model_type: str) -> bool:
@@ -114,9 +117,17 @@ def tokenizer_json(vocab_size: int = TARGET_TEXT["vocab_size"]) -> dict:
             "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "<unk>"}}
 
 
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<start_of_turn>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}{{ m['content'] }}{% else %}"
+    "{% for c in m['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}{% endif %}"
+    "<end_of_turn>\n{% endfor %}{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
 TOKENIZER_CONFIG = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": "<bos>", "eos_token": "<eos>",
                     "pad_token": "<pad>", "unk_token": "<unk>", "model_max_length": 262144,
-                    "extra_special_tokens": {k: t for k, (t, _) in MM_TOKENS.items() if k != "video_token"}}
+                    "extra_special_tokens": {k: t for k, (t, _) in MM_TOKENS.items() if k != "video_token"},
+                    # sglang's server warm-up sends a chat request; a minimal Gemma-style template
+                    "chat_template": CHAT_TEMPLATE}
 
 # The target is Gemma4ForConditionalGeneration, which sglang serves as a multimodal model: its
 # tokenizer manager loads the HF processor (Gemma4Processor) from the folder. The sub-processors

@@ -82,7 +82,10 @@ def _case(prefix_lens, extend_lens, q_heads, kv_heads, hd):
 
 def _run(mod, t, window, sm_scale):
     o = torch.full_like(t["q"], float("nan"))  # poisoned: every element must be written
-    mod.extend_attention_fwd(
+    # sglang's own function (the extend_attention_kernel patch, when applied, wraps it): these tests
+    # are about the block sizes sglang's kernel runs with
+    fwd = getattr(mod.extend_attention_fwd, "__wrapped__", mod.extend_attention_fwd)
+    fwd(
         t["q"], t["k_ext"], t["v_ext"], o, t["k_buf"], t["v_buf"], t["qo_indptr"], t["kv_indptr"], t["kv_indices"],
         None, True, None, t["max_len"], 1.0, 1.0, sm_scale, logit_cap=0.0,
         sliding_window_size=(window - 1) if window else -1)
