@@ -701,19 +701,9 @@ ALIGN_MODULES = (
 
 
 def _import_first(names, attr):
-    import importlib
+    from ..bench.common import _first_module_with  # one implementation of "first layout that has it"
 
-    errors = []
-    for n in names:
-        try:
-            m = importlib.import_module(n)
-        except ImportError as e:
-            errors.append(f"{n}: {e}")
-            continue
-        if hasattr(m, attr):
-            return m
-        errors.append(f"{n}: no {attr}")
-    raise ImportError("; ".join(errors))
+    return _first_module_with(names, attr)
 
 
 def align_torch(topk_ids, block_m: int, E: int):
