@@ -95,6 +95,25 @@ def import_first(*module_names: str) -> types.ModuleType:
     raise NotApplicable("no module of " + ", ".join(module_names) + " (" + "; ".join(errors) + ")")
 
 
+def sglang_deterministic() -> bool:
+    """sglang's --enable-deterministic-inference, read where the running version keeps it.
+
+    False when no server arguments are published (a benchmark or test outside a server).
+    """
+    try:
+        from sglang.srt.server_args import get_global_server_args  # <= 0.5.12
+
+        return bool(get_global_server_args().enable_deterministic_inference)
+    except Exception:
+        pass
+    try:
+        from sglang.srt.runtime_context import get_exec  # newer
+
+        return bool(get_exec().deterministic.enable_deterministic_inference)
+    except Exception:
+        return False
+
+
 def _rebind(old: object, new: object) -> None:
     for mod in list(sys.modules.values()):
         if not isinstance(mod, types.ModuleType):

@@ -316,3 +316,32 @@ def test_tma_rows_of_other_requests_do_not_leak():
                        case["v_buffer"], case["qo_indptr"][:2], case["kv_indptr"][:2], case["kv_indices"], None, -1)
     assert torch.isfinite(out[:21]).all()
     assert (out[:21].float() - ref).abs().max().item() < 1e-2
+
+
+def test_deterministic_inference_goes_to_stock(hopper, hooked, monkeypatch):
+    """sglang's deterministic-inference mode keeps sglang's own kernel for every call."""
+    fwd, went = hooked
+    monkeypatch.setattr(ka, "extend_attention_fwd", lambda **kw: went.append("kernel"))
+    monkeypatch.setattr(pk, "sglang_deterministic", lambda: True)
+    fwd(**_call())
+    monkeypatch.setattr(pk, "sglang_deterministic", lambda: False)
+    fwd(**_call())
+    assert went == ["stock", "kernel"]
+
+
+def test_sglang_deterministic_reads_server_args(monkeypatch):
+    """The flag is read from the running sglang's server arguments (not set outside a server: False)."""
+    from types import SimpleNamespace
+
+    from sglang_gemma4_opt import core
+
+    assert core.sglang_deterministic() in (False, True)
+    try:
+        import sglang.srt.server_args as sa
+    except ImportError:
+        pytest.skip("no sglang")
+    if hasattr(sa, "get_global_server_args"):
+        for flag in (True, False):
+            monkeypatch.setattr(sa, "get_global_server_args",
+                                lambda flag=flag: SimpleNamespace(enable_deterministic_inference=flag))
+            assert core.sglang_deterministic() is flag

@@ -10,7 +10,8 @@ Why:      Gemma4 prefill runs sglang's Triton extend attention (head dim 512 on 
           the (64, 64) blocks of PR #26588. `kernels/extend_attention.py` is pipelined, visits only the
           tiles a window or the causal diagonal leave, and uses per-GPU block shapes
           (`kernels/NOTES-extend-attention.md` has the measurements).
-Routing:  every call is checked (Python scalars and tensor metadata only, no device sync): causal, no
+Routing:  sglang's deterministic-inference mode always runs sglang's kernel. Otherwise every call is
+          checked (Python scalars and tensor metadata only, no device sync): causal, no
           custom mask, no sinks, k/v scales None or 1.0, logit cap <= 0, no xai temperature, head dim
           256 or 512 for q/k/v/o and the KV pool, bf16 or fp16 everywhere, compute capability 9.x, and
           any argument newer sglang added at its neutral value; everything else runs sglang's kernel.
@@ -25,7 +26,7 @@ import importlib
 import inspect
 import logging
 
-from ..core import HookSpec, NotApplicable, TargetChanged, import_first
+from ..core import HookSpec, NotApplicable, TargetChanged, import_first, sglang_deterministic
 
 NAME = "extend_attention_kernel"
 SUMMARY = "Hopper Triton extend attention (pipelined, window-aware) for head dims 256/512"
@@ -87,7 +88,8 @@ def make_hook(params: tuple[str, ...], extra_defaults: dict):
         call = dict(zip(params, args))
         call.update(kwargs)
         try:
-            why = route(call, extra_defaults)
+            # deterministic-inference mode keeps sglang's own (batch-invariant) kernel
+            why = "deterministic inference" if sglang_deterministic() else route(call, extra_defaults)
         except Exception as e:  # never let routing take the call down
             why = f"routing failed: {e}"
         if why is None:
