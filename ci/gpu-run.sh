@@ -7,6 +7,9 @@
 #   bash ci/gpu-run.sh tests          # pytest -m gpu tests/gpu
 #   bash ci/gpu-run.sh kernels [ARGS] # the full kernel suite (ARGS go to `sglang-gemma4-opt bench`)
 #   bash ci/gpu-run.sh e2e [ARGS]     # plugin off vs on, whole model (ARGS go to `bench-e2e`)
+#   bash ci/gpu-run.sh e2e-full [ARGS] # whole model, every optimisation isolated (issues 3, 4, 6): modes
+#                                     # off on no-attn on-pr-moe pr at bs 1 16 64 x 1024, then no-attn on at
+#                                     # bs 1 x 8192; ARGS go to both bench-e2e runs. Sized for one 10-minute call.
 #   bash ci/gpu-run.sh all            # tests, kernels, e2e
 #   bash ci/gpu-run.sh kernels,tests  # several modes in one call, in that order
 #
@@ -14,7 +17,8 @@
 # installs the plugin and sources the bundle itself; sourcing the bundle *before* a bare `pip install`
 # fails on that host, see below).
 #
-# Each step runs under its own time limit (env: TESTS_TIMEOUT, KERNELS_TIMEOUT, E2E_TIMEOUT, seconds)
+# Each step runs under its own time limit (env: TESTS_TIMEOUT, KERNELS_TIMEOUT, E2E_TIMEOUT, seconds;
+# e2e-full: E2E_FULL_BUDGET, seconds from the script's start that both its runs must end within)
 # so one stuck step cannot take the others' results with it; the script's exit code is the first
 # failing step's. Nothing here changes GPU clocks or settings: nvidia-smi is only queried.
 set -uo pipefail
@@ -65,6 +69,37 @@ run_tests() {  # PYTEST_K: a -k expression to select tests
 run_kernels() { step "kernel suite" "${KERNELS_TIMEOUT:-900}" python3 -u -m sglang_gemma4_opt bench --out "$OUT" "$@"; }
 run_e2e() { step "e2e" "${E2E_TIMEOUT:-1500}" python3 -u -m sglang_gemma4_opt bench-e2e --out "$OUT" "$@"; }
 
+# Whole-model targets: issue 3 (off -> on), issue 4 (on-pr-moe -> on: the plugin's MoE tables vs the PR's),
+# issue 6 (no-attn -> on: the Hopper attention kernel, at 1024 and at an 8k prompt); `pr` (PR #26588's
+# state) shows off -> pr -> on. Time, from the H200 logs of earlier calls (each process loads a dummy
+# 26B-A4B and starts in ~21 s of imports): the first process of a call ~125-150 s (Triton compiles
+# everything cold), each later one ~45-55 s at 1024 (bs 1 16 64, 3 passes), ~40 s at 8192 (bs 1), plus
+# ~13 s per bench-e2e run and ~25 s of setup: about 25 + 355 + 90 = ~470 s in all, worst seen ~505 s.
+# Modes run in target order (off, on, no-attn, on-pr-moe, then pr, which no target needs) and results
+# are rewritten after every mode, so a run cut short keeps issue 3's, 6's and 4's pairs first. The 1024
+# run gets the budget less a reserve for the 8192 one, which gets the rest. E2E_FULL_MODES overrides the
+# 1024 modes (e.g. "off on no-attn on-pr-moe" to drop pr, ~45 s).
+run_e2e_full() {
+  local budget=${E2E_FULL_BUDGET:-570} reserve=${E2E_8K_RESERVE:-130} logs="$OUT/e2e-logs" limit
+  mkdir -p "$logs"
+  pack() { tar -C "$OUT" -czf "$OUT/e2e-full-logs.tgz" e2e-logs; }  # few files come back from $OUT: one archive
+  limit=$((budget - SECONDS - reserve))
+  [ "$limit" -lt 60 ] && limit=60  # (timeout 0 would mean none)
+  # shellcheck disable=SC2086
+  step "e2e-full 1024" "$limit" python3 -u -m sglang_gemma4_opt bench-e2e --out "$OUT" --log-dir "$logs" --quiet \
+    --modes ${E2E_FULL_MODES:-off on no-attn on-pr-moe pr} --batch-sizes 1 16 64 --input-len 1024 --timeout 240 "$@"
+  pack
+  limit=$((budget - SECONDS))
+  if [ "$limit" -ge 60 ]; then
+    step "e2e-full 8192" "$limit" python3 -u -m sglang_gemma4_opt bench-e2e --out "$OUT" --log-dir "$logs" --quiet \
+      --modes no-attn on --batch-sizes 1 --input-len 8192 --timeout 150 "$@"
+  else
+    echo "=== e2e-full 8192: skipped, ${limit}s left of E2E_FULL_BUDGET=${budget}s"
+    [ $status -eq 0 ] && status=124
+  fi
+  pack && rm -rf "$logs"
+}
+
 for m in ${mode//,/ }; do
   case "$m" in
     smoke)
@@ -84,13 +119,14 @@ for m in ${mode//,/ }; do
     tests) run_tests ;;
     kernels) run_kernels "$@" ;;
     e2e) run_e2e "$@" ;;
+    e2e-full) run_e2e_full "$@" ;;
     all)
       run_tests
       run_kernels
       run_e2e
       ;;
     *)
-      echo "usage: $0 {smoke|tests|kernels|e2e|all}[,MODE...] [args for bench / bench-e2e]" >&2
+      echo "usage: $0 {smoke|tests|kernels|e2e|e2e-full|all}[,MODE...] [args for bench / bench-e2e]" >&2
       exit 2
       ;;
   esac

@@ -16,7 +16,10 @@
 #   MAX_NEW_TOKENS (256), GSM8K_TIMEOUT (420 s for both server runs), STEPS ("drift gsm8k"),
 #   GRAMMAR_ARGS (default "--grammar-backend none --skip-server-warmup": the offline bundle has no
 #   xgrammar, which the scheduler imports at start for its default grammar backend, and the warm-up
-#   request is a chat request the dummy tokenizer's template need not serve; set it empty elsewhere).
+#   request is a chat request the dummy tokenizer's template need not serve; set it empty elsewhere),
+#   DECODE_LOG_INTERVAL (1: sglang 0.5.12 adds to the accept-length totals that /server_info reports
+#   only when it logs decode stats, every 40 decode steps by default; short random-weight answers
+#   may never reach 40).
 # Results in $OUT: verify.log, routing_drift.json/.md, gsm8k_report.json/.md, logs.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -88,10 +91,16 @@ if has_step gsm8k; then
   timeout -s TERM -k 60 "$GSM8K_TIMEOUT" python3 -m sglang_gemma4_opt gsm8k \
     --write-dummy-models "$W/models" --num-questions "$NUM_QUESTIONS" --parallel "$NUM_QUESTIONS" \
     --max-new-tokens "$MAX_NEW_TOKENS" --context-length 4096 --startup-timeout 300 \
-    --extra-server-args="--cuda-graph-max-bs 32 ${GRAMMAR_ARGS---grammar-backend none --skip-server-warmup}" --out "$W/gsm8k"
+    --extra-server-args="--cuda-graph-max-bs 32 --decode-log-interval ${DECODE_LOG_INTERVAL:-1} ${GRAMMAR_ARGS---grammar-backend none --skip-server-warmup}" --out "$W/gsm8k"
   rc=$?
   say "gsm8k exit code $rc (0 expected: random weights are reported, not enforced)"
   cp "$W/gsm8k/gsm8k_report.json" "$W/gsm8k/gsm8k_report.md" "$OUT/" 2>/dev/null || say "no gsm8k report"
+  # the plugin in every server process: its summary line names the pid that applied it
+  for log in $(find "$W/gsm8k" -name '*.log' 2>/dev/null); do
+    say "$(basename "$log"): $(grep -c 'sglang-gemma4-opt .* in pid' "$log") plugin summary line(s) from pids" \
+      "$(grep -o 'in pid [0-9]*' "$log" | sort -u | tr '\n' ' ')"
+    grep -m 20 -E 'sglang-gemma4-opt|gemma4_opt' "$log" | sed 's/^/    /'
+  done
   # the servers must be gone: list any launch_server process still alive
   left=$(pgrep -f "sglang.launch_server" || true)
   if [ -n "$left" ]; then

@@ -92,7 +92,7 @@ def main(argv=None) -> int:
     st.set_defaults(func=cmd_status)
     for name, module, help_ in (
         ("bench", "bench.kernels", "kernel benchmarks, stock vs plugin, side by side on this GPU"),
-        ("bench-e2e", "bench.e2e", "whole-model benchmark (sglang.bench_one_batch, dummy weights), plugin on vs off"),
+        ("bench-e2e", "bench.e2e", "whole-model benchmark (sglang.bench_one_batch, dummy weights), plugin off/on and modes isolating each optimisation"),
         ("tune-moe", "tools.tune_moe", "tune fused-MoE configs on this GPU"),
         ("gsm8k", "tools.gsm8k", "GSM8K regression: server with and without the plugin"),
         ("routing-drift", "tools.routing_drift", "how far a routing function drifts from the unfused reference"),

@@ -95,21 +95,49 @@ def import_first(*module_names: str) -> types.ModuleType:
     raise NotApplicable("no module of " + ", ".join(module_names) + " (" + "; ".join(errors) + ")")
 
 
+def _deterministic_reader():
+    """The module that publishes sglang's deterministic-inference flag in this version, found once.
+
+    sglang >= 0.5.13 keeps it in `runtime_context.get_exec().deterministic` (its `server_args.
+    get_global_server_args()` is retired and raises); <= 0.5.12 in `get_global_server_args()`. The
+    module is cached, not the function, so the attribute is looked up at each call (tests patch it).
+    """
+    global _DET_READER
+    if _DET_READER is None:
+        try:
+            import sglang.srt.runtime_context as rc  # >= 0.5.13
+
+            if hasattr(rc, "get_exec"):
+                _DET_READER = ("exec", rc)
+        except Exception:
+            pass
+    if _DET_READER is None:
+        try:
+            import sglang.srt.server_args as sa  # <= 0.5.12
+
+            _DET_READER = ("server_args", sa)
+        except Exception:
+            return None
+    return _DET_READER
+
+
+_DET_READER = None
+
+
 def sglang_deterministic() -> bool:
     """sglang's --enable-deterministic-inference, read where the running version keeps it.
 
-    False when no server arguments are published (a benchmark or test outside a server).
+    False when no server arguments are published (a benchmark or test outside a server). Called on
+    every extend-attention call, so the version probe runs once and each call is one attribute read.
     """
+    reader = _deterministic_reader()
+    if reader is None:
+        return False
+    kind, mod = reader
     try:
-        from sglang.srt.server_args import get_global_server_args  # <= 0.5.12
-
-        return bool(get_global_server_args().enable_deterministic_inference)
-    except Exception:
-        pass
-    try:
-        from sglang.srt.runtime_context import get_exec  # newer
-
-        return bool(get_exec().deterministic.enable_deterministic_inference)
+        if kind == "exec":
+            return bool(mod.get_exec().deterministic.enable_deterministic_inference)
+        return bool(mod.get_global_server_args().enable_deterministic_inference)
     except Exception:
         return False
 

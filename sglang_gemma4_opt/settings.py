@@ -3,6 +3,8 @@
 SGLANG_GEMMA4_OPT=0            turns the whole plugin off (also: false, off, no).
 SGLANG_GEMMA4_OPT_DISABLE=a,b  turns off single patches by name (see `sglang-gemma4-opt status`);
                                `all` turns every patch off.
+SGLANG_GEMMA4_OPT_TRACE=1      logs, once per kind of call, which kernel a routed call went to and why
+                               (extend attention: the plugin's kernel or sglang's, with the reason).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import os
 
 ENV_ENABLE = "SGLANG_GEMMA4_OPT"
 ENV_DISABLE = "SGLANG_GEMMA4_OPT_DISABLE"
+ENV_TRACE = "SGLANG_GEMMA4_OPT_TRACE"
 
 _FALSE = {"0", "false", "off", "no", "disable", "disabled"}
 
@@ -27,3 +30,7 @@ def disabled_patches() -> set[str]:
 def patch_enabled(name: str) -> bool:
     off = disabled_patches()
     return plugin_enabled() and name not in off and "all" not in off
+
+
+def trace_enabled() -> bool:
+    return os.environ.get(ENV_TRACE, "0").strip().lower() not in _FALSE | {""}

@@ -61,6 +61,21 @@ def test_supported_call_goes_to_kernel(hopper, hooked, monkeypatch):
     assert went == ["kernel", "kernel"]
 
 
+def test_sglang_backend_index_dtypes_go_to_kernel(hopper, hooked, monkeypatch):
+    """sglang's triton backend keeps qo_indptr in int64 (kv_indptr int32, kv_indices int64): such calls
+    must reach the plugin's kernel (a dtype check once sent every real call to sglang's kernel)."""
+    fwd, went = hooked
+    monkeypatch.setattr(ka, "extend_attention_fwd", lambda **kw: went.append("kernel"))
+    base = _call()
+    for qo_dt, kv_dt in ((torch.int64, torch.int32), (torch.int64, torch.int64), (torch.int32, torch.int64)):
+        call = dict(base, qo_indptr=base["qo_indptr"].to(qo_dt), kv_indptr=base["kv_indptr"].to(kv_dt),
+                    kv_indices=base["kv_indices"].to(torch.int64))
+        assert pk.route(call, {}) is None, (qo_dt, kv_dt)
+        fwd(**call)
+    assert went == ["kernel"] * 3
+    assert pk.route(dict(base, qo_indptr=base["qo_indptr"].to(torch.int16)), {}) == "indptr dtype"
+
+
 UNSUPPORTED = {
     "custom mask (speculative verify)": dict(custom_mask=torch.ones(8, dtype=torch.uint8),
                                              mask_indptr=torch.zeros(3, dtype=torch.int64)),
@@ -286,6 +301,20 @@ def test_kernel_matches_fp32_reference(pl, el, hq, hkv, hd, w, cfg):
 
 
 @pytest.mark.interpret
+def test_kernel_with_int64_indptrs_matches_int32():
+    """The same call with sglang's backend dtypes (int64 qo/kv indptr) computes the same output."""
+    g = torch.Generator().manual_seed(7)
+    case = ka.random_case([9, 0], [21, 13], 4, 2, 256, dtype=torch.float16, generator=g)
+    cfg = (16, 16, 4, 2, False, 1)
+    a = _run(case, cfg, 11).clone()
+    c64 = dict(case, qo_indptr=case["qo_indptr"].to(torch.int64), kv_indptr=case["kv_indptr"].to(torch.int64),
+               o_extend=torch.full_like(case["o_extend"], float("nan")))
+    b = _run(c64, cfg, 11)
+    assert torch.isfinite(b).all()
+    assert torch.equal(a, b)
+
+
+@pytest.mark.interpret
 @pytest.mark.parametrize("w", [-1, 0, 1, 23])
 def test_kernel_matches_sglang_kernel(w):
     """Same inputs through sglang's own kernel (interpreted): which keys each query sees is identical."""
@@ -330,7 +359,8 @@ def test_deterministic_inference_goes_to_stock(hopper, hooked, monkeypatch):
 
 
 def test_sglang_deterministic_reads_server_args(monkeypatch):
-    """The flag is read from the running sglang's server arguments (not set outside a server: False)."""
+    """The flag is read from where the running sglang publishes it (>= 0.5.13: runtime_context's
+    get_exec(); <= 0.5.12: get_global_server_args()); outside a server it is False."""
     from types import SimpleNamespace
 
     from sglang_gemma4_opt import core
@@ -340,8 +370,15 @@ def test_sglang_deterministic_reads_server_args(monkeypatch):
         import sglang.srt.server_args as sa
     except ImportError:
         pytest.skip("no sglang")
-    if hasattr(sa, "get_global_server_args"):
-        for flag in (True, False):
+    try:
+        import sglang.srt.runtime_context as rc
+    except ImportError:
+        rc = None
+    for flag in (True, False, True):
+        if rc is not None and hasattr(rc, "get_exec"):
+            bag = SimpleNamespace(deterministic=SimpleNamespace(enable_deterministic_inference=flag))
+            monkeypatch.setattr(rc, "get_exec", lambda bag=bag: bag)
+        else:
             monkeypatch.setattr(sa, "get_global_server_args",
                                 lambda flag=flag: SimpleNamespace(enable_deterministic_inference=flag))
-            assert core.sglang_deterministic() is flag
+        assert core.sglang_deterministic() is flag

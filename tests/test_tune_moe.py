@@ -4,6 +4,7 @@ real kernel's check runs under TRITON_INTERPRET=1 on tiny fp16 shapes; timing is
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -402,3 +403,344 @@ def test_refinalize_cli_needs_no_gpu(tmp_path, capsys):
     st = tm.State.load(tmp_path / "state.json")
     assert st.bucket(64)["kept_base"] and st.bucket(16384)["kept_base"]
     assert tm.read_table(out / PROBLEM.file_name())[16384] == PR_TABLE[1024]
+
+
+# ------------------------------------------------------------------ the down kernel's TMA path (USE_TMA)
+
+REPO = Path(__file__).resolve().parents[1]
+STATES = sorted((REPO / "benchmarks" / "tuning").glob("E128-*.state.json"))
+
+
+def test_tma_keys_and_old_keys():
+    c = tm.make_cfg(64, 128, 64, 1, 4, 3, tma=True)
+    assert tm.cfg_key(c) == "64,128,64,1,4,3,tma" and tm.parse_key(tm.cfg_key(c)) == c
+    assert tm.uses_tma(c) and tm.kernel_config(c) == tm.make_cfg(64, 128, 64, 1, 4, 3)
+    # a key without the suffix (every key written before the TMA option) is USE_TMA=False, and an entry
+    # with "USE_TMA": false is the same config as one without it (sglang pops it with default False)
+    old = tm.parse_key("64,128,64,1,4,3")
+    assert not tm.uses_tma(old) and "USE_TMA" not in old
+    assert tm.cfg_key(dict(old, USE_TMA=False)) == "64,128,64,1,4,3"
+    assert tm.with_tma(c, False) == old and tm.with_tma(old) == c
+    with pytest.raises(ValueError):
+        tm.parse_key("64,128,64,1,4")
+    # moves keep the TMA flag (and BLOCK_SIZE_M); the TMA coarse grid is the plain one on the TMA path
+    assert all(tm.uses_tma(n) for n in tm.neighbours(c)) and not any(tm.uses_tma(n) for n in tm.neighbours(old))
+    for M in (1, 2048):
+        plain, tma = tm.coarse_space(M, 8, 128), tm.coarse_space(M, 8, 128, tma=True)
+        assert [tm.with_tma(x) for x in plain] == tma
+    assert tm.tma_possible(704) and tm.tma_possible(352) and not tm.tma_possible(700)
+    assert tm.total_tokens(1, 8, 128, 16) == 8 + 8 * 15 and tm.total_tokens(4096, 8, 128, 64) == 32768 + 129 * 63
+
+
+def test_tma_candidates():
+    times = {"64,128,64,1,4,3": 10.0, "64,256,64,1,8,3": 11.0, "64,64,64,1,4,3": 12.0, "128,128,64,1,8,3": 9.0,
+             "128,128,64,1,8,4,tma": 5.0}
+    base = tm.parse_key("64,128,64,1,4,3")
+    cands = [tm.cfg_key(c) for c in tm.tma_candidates(times, base, 2048, 8, 128, top=2)]
+    # the base entry's twin, then the twins of the 2 fastest plain configs per BLOCK_SIZE_M, then the grid
+    assert cands[:3] == ["64,128,64,1,4,3,tma", "64,256,64,1,8,3,tma", "128,128,64,1,8,3,tma"]
+    assert all(tm.key_uses_tma(k) for k in cands) and len(cands) == len(set(cands))
+    assert set(tm.cfg_key(c) for c in tm.coarse_space(2048, 8, 128, tma=True)) <= set(cands)
+
+
+def test_sort_rows_is_the_c_sorted_layout():
+    torch = pytest.importorskip("torch")
+    p = tm.Problem(E=4, N=8, K=16, topk=2, dtype=None, device="cpu")
+    be = tm.KernelBackend(p, device="cpu", act_dtype=torch.float32)
+    ids = torch.tensor([[2, 3], [1, 2], [1, 3]], dtype=torch.int32)
+    al = tm.align_torch(ids, 4, 4)
+    A = torch.arange(6 * 8, dtype=torch.float32).view(6, 8)
+    S = be.sort_rows(A, al, 3, 4)
+    assert S.shape == (tm.total_tokens(3, 2, 4, 4), 8)
+    for pos, slot in enumerate(al[0].tolist()):
+        if slot < 6:
+            assert torch.equal(S[pos], A[slot])
+        else:
+            assert torch.isnan(S[pos]).all()
+    assert torch.isnan(S[len(al[0]):]).all()
+
+
+class TmaBackend(PipelineBackend):
+    """A GPU with sglang's TMA down path: TMA down kernels take `tma_gain` x the plain time; the whole
+    MoE is the kernel sum plus a fixed overhead; pairs in `pair_bad` fail the whole-MoE check."""
+
+    supports_tma = True
+
+    def __init__(self, *a, tma_gain=0.7, pair_bad=(), **k):
+        super().__init__(*a, **k)
+        self.tma_gain, self.pair_bad, self.pair_checked = tma_gain, set(pair_bad), []
+
+    def us(self, proj, M, cfg):
+        assert not (proj == "up" and tm.uses_tma(cfg)), "USE_TMA on the up kernel"
+        return fake_us(proj, M, cfg) * (self.tma_gain if tm.uses_tma(cfg) else 1.0)
+
+    def time(self, proj, M, cfg):
+        k = tm.cfg_key(cfg)
+        self.timed.append((proj, M, k))
+        if self.clock:
+            self.clock.t += self.cost
+        if k in self.fail:
+            raise RuntimeError("OutOfResources: shared memory")
+        return self.us(proj, M, cfg)
+
+    def time_pipeline(self, M, pairs):
+        self.pipelines.append((M, [(tm.cfg_key(u), tm.cfg_key(d)) for u, d in pairs]))
+        return [self.us("up", M, u) + self.us("down", M, d) + 10 for u, d in pairs]
+
+    def check_pair(self, M, up, down):
+        key = (tm.cfg_key(up), tm.cfg_key(down))
+        assert tm.uses_tma(down)
+        self.pair_checked.append((M,) + key)
+        return 0.5 if key in self.pair_bad else 3e-3
+
+
+def _no_up_tma(up_table, down_table):
+    for m, u in up_table.items():
+        assert "USE_TMA" not in u, f"USE_TMA in the up table at M={m}"
+        assert u["BLOCK_SIZE_M"] == down_table[m]["BLOCK_SIZE_M"], f"BLOCK_SIZE_M differ at M={m}"
+        assert down_table[m].get("USE_TMA", True) is True  # written only where on (sglang's own H200 files)
+
+
+def test_tma_stage_writes_use_tma_in_the_down_table_only(tmp_path, monkeypatch):
+    be = TmaBackend()
+    t = _tuner(tmp_path, be)
+    assert t.tma
+    assert t.run(MS) == {"stopped": None, "left": []}
+    assert all(p == "down" for p, _, k in be.timed if k.endswith(",tma"))
+    for M in MS:
+        b = t.state.bucket(M)
+        assert b["tma"]["status"] == "done" and tm.key_uses_tma(b["down"]), M  # 30% faster: TMA wins
+        assert tm.parse_key(b["up"])["BLOCK_SIZE_M"] == tm.parse_key(b["down"])["BLOCK_SIZE_M"]
+        assert (M, b["up"], b["down"]) in be.pair_checked and b["moe_rel_err"] == 3e-3
+        assert t.state.check("down", M, b["down"])["ok"]
+    # the whole-MoE stage runs at every M once TMA downs were timed (M=1, 64 too), and re-ranks
+    # plain and TMA pairs together, the base pair first
+    assert sorted(m for m, _ in be.pipelines) == sorted(MS)
+    for M, pairs in be.pipelines:
+        assert pairs[0] == (tm.cfg_key(tm.nearest_entry(PR_TABLE, M)),) * 2
+        kinds = [tm.key_uses_tma(d) for _, d in pairs[1:]]
+        assert kinds.count(True) >= 3 and kinds.count(False) >= 3 and len(pairs) <= 12
+        assert all(tm.parse_key(u)["BLOCK_SIZE_M"] == tm.parse_key(d)["BLOCK_SIZE_M"] for u, d in pairs)
+    files = {p.name: p for p in (tmp_path / "out").iterdir()}
+    up_raw = files["E=128,N=704,device_name=NVIDIA_H200.json"].read_text()
+    down_raw = json.loads(files["E=128,N=704,device_name=NVIDIA_H200_down.json"].read_text())
+    assert "USE_TMA" not in up_raw
+    up, down = tm.read_table(files["E=128,N=704,device_name=NVIDIA_H200.json"]), tm.read_table(
+        files["E=128,N=704,device_name=NVIDIA_H200_down.json"])
+    _no_up_tma(up, down)
+    assert {m for m, e in down.items() if e.get("USE_TMA")} == set(MS)
+    assert list(down_raw["16384"])[-1] == "USE_TMA" and down_raw["16384"]["USE_TMA"] is True
+    assert "USE_TMA" not in down_raw["1024"]  # untuned keys: the base entries, verbatim
+    for M in (1, 64, 700, 2048, 5000, 16384, 65536):
+        cfg, (dcfg, _) = _sglang_pick(monkeypatch, up, down, M)  # asserts equal BLOCK_SIZE_M itself
+        assert "USE_TMA" not in cfg and dcfg.get("USE_TMA", False) == (M not in (700,))
+
+
+def test_tma_losing_everywhere_writes_no_use_tma(tmp_path):
+    be = TmaBackend(tma_gain=1.5)
+    t = _tuner(tmp_path, be)
+    t.run(MS)
+    assert any(k.endswith(",tma") for _, _, k in be.timed)
+    up, down = t.tables()
+    _no_up_tma(up, down)
+    assert not any(e.get("USE_TMA") for e in down.values()) and not be.pair_checked
+
+
+def test_tma_pair_within_min_gain_of_the_best_plain_pair_is_not_written(tmp_path):
+    """A TMA pair 1% faster than the best plain pair of the same whole-MoE timing is noise: the plain
+    pair is written; re-applying a lower --min-gain (as --refinalize does) writes the TMA pair."""
+    t = _tuner(tmp_path, TmaBackend(tma_gain=0.99))
+    t.run([16384])
+    b = t.state.bucket(16384)
+    assert tm.key_uses_tma(b["best_down"]) and b["tma_below_min_gain"]
+    assert (b["up"], b["down"]) == (b["plain_up"], b["plain_down"]) and not tm.key_uses_tma(b["down"])
+    assert "USE_TMA" not in t.tables()[1][16384]
+    t.min_gain = 0.001
+    t.apply_min_gain(16384)
+    assert not b["tma_below_min_gain"] and b["down"] == b["best_down"]
+    assert t.tables()[1][16384]["USE_TMA"] is True
+
+
+def test_tma_configs_that_fail_to_run_change_nothing(tmp_path):
+    class NoTma(TmaBackend):
+        def us(self, proj, M, cfg):
+            if tm.uses_tma(cfg):
+                raise RuntimeError("TMA descriptor: misaligned")
+            return super().us(proj, M, cfg)
+
+    be = NoTma()
+    t = _tuner(tmp_path, be)
+    assert t.run([16384, 1]) == {"stopped": None, "left": []}
+    assert any(k.endswith(",tma") for _, _, k in be.timed)
+    assert all(str(v).startswith("error: RuntimeError") for k, v in t.state.measured("down", 16384).items()
+               if tm.key_uses_tma(k))
+    # one whole-MoE ranking (M=16384, plain pairs), none at M=1: as without the TMA stage
+    assert [(m, any(tm.key_uses_tma(d) for _, d in pairs)) for m, pairs in be.pipelines] == [(16384, False)]
+    assert not be.pair_checked and t.state.bucket(1)["tma"]["status"] == "done"
+    up, down = t.tables()
+    assert not any(e.get("USE_TMA") for e in down.values())
+
+
+def test_tuned_up_entry_with_use_tma_is_refused_and_base_up_tma_dropped():
+    u = tm.make_cfg(64, 128, 64, 1, 4, 3)
+    with pytest.raises(ValueError, match="USE_TMA"):
+        tm.build_tables(PR_TABLE, PR_TABLE, {2048: (dict(u, USE_TMA=True), dict(u, USE_TMA=True))})
+    base_up = {**PR_TABLE, 2048: dict(u, USE_TMA=True)}  # e.g. an sglang 0.5.23 up table
+    up, down = tm.build_tables(base_up, None, {})
+    assert "USE_TMA" not in up[2048]
+    state = tm.State.new(None, PROBLEM, base_up, None, "x", [2048])
+    assert "USE_TMA" not in state.base_entry("up", 2048) and "USE_TMA" not in state.base_entry("down", 2048)
+
+
+def test_tma_down_with_a_different_block_m_is_refused():
+    with pytest.raises(ValueError, match="BLOCK_SIZE_M"):
+        tm.build_tables(PR_TABLE, PR_TABLE, {2048: (tm.make_cfg(64, 128, 64, 1, 4, 3),
+                                                    tm.make_cfg(128, 128, 64, 1, 8, 3, tma=True))})
+
+
+def test_failing_whole_moe_check_rejects_the_tma_pair(tmp_path):
+    first = _tuner(tmp_path / "a", TmaBackend())
+    first.run([16384])
+    win = (first.state.bucket(16384)["up"], first.state.bucket(16384)["down"])
+    be = TmaBackend(pair_bad={win})
+    t = _tuner(tmp_path / "b", be)
+    t.run([16384])
+    b = t.state.bucket(16384)
+    assert (b["up"], b["down"]) != win and (16384,) + win in be.pair_checked
+    chk = t.state.pair_check(16384, *win)
+    assert chk["ok"] is False and "whole-MoE" in chk["why"]
+    assert t.state.check("down", 16384, win[1])["ok"]  # the kernel itself passed: only the pair is out
+    # reloaded from disk, the rejection stands
+    assert tm.State.load(tmp_path / "b" / "state.json").pair_check(16384, *win)["ok"] is False
+
+
+def test_no_tma_without_backend_support_or_with_no_tma(tmp_path):
+    be = TmaBackend()
+    be.supports_tma = False
+    t = _tuner(tmp_path / "a", be)
+    t.run([2048])
+    assert not t.tma and not any(k.endswith(",tma") for _, _, k in be.timed)
+    be2 = TmaBackend()
+    state = tm.State.new(tmp_path / "b.json", PROBLEM, PR_TABLE, PR_TABLE, "PR", [2048])
+    t2 = tm.Tuner(state, be2, clock=FakeClock(), reserve_s=0, log=lambda s: None, tma=False)
+    t2.run([2048])
+    assert not any(k.endswith(",tma") for _, _, k in be2.timed)
+    # a shape whose rows are not 16-byte aligned has no TMA path
+    odd = tm.Problem(E=128, N=700, K=2816, topk=8, dtype=None, device=H200)
+    assert not tm.Tuner(tm.State.new(None, odd, PR_TABLE, None, "x", [1]), TmaBackend(), log=print).tma
+
+
+def _copy_state(tmp_path, src):
+    dst = tmp_path / src.name
+    dst.write_text(src.read_text())
+    return tm.State.load(dst)
+
+
+@pytest.mark.parametrize("src", STATES, ids=[s.name.split("-")[1] + "-" + s.name.split("-")[-1][:-11] for s in STATES])
+def test_committed_states_load_and_give_the_shipped_tables(src):
+    """Keys of the state files written before USE_TMA existed load as USE_TMA=False, and the tables
+    they give are the shipped ones."""
+    from sglang_gemma4_opt.patches.moe_configs import CONFIG_ROOT
+
+    state = tm.State.load(src)
+    for p in tm.PROJS:
+        for m, d in state.data["measured"][p].items():
+            for k in d:
+                c = tm.parse_key(k)
+                assert not tm.uses_tma(c) and tm.cfg_key(c) == k
+    up, down = tm.Tuner(state, None, log=lambda s: None).tables()
+    pr = state.problem
+    shipped = CONFIG_ROOT / "triton_3_6_0"
+    if (shipped / pr.file_name()).exists():
+        assert up == tm.read_table(shipped / pr.file_name())
+        assert down == tm.read_table(shipped / pr.file_name(True))
+    _no_up_tma(up, down)
+
+
+H200_STATE = REPO / "benchmarks" / "tuning" / "E128-N704-K2816-top8-bf16-NVIDIA_H200.state.json"
+
+
+@pytest.mark.skipif(not H200_STATE.exists(), reason="no committed H200 state")
+def test_down_tma_only_pass_over_a_committed_state(tmp_path):
+    state = _copy_state(tmp_path, H200_STATE)
+    before = json.loads(json.dumps(state.data["measured"]))
+    picks = {m: (b["up"], b["down"]) for m, b in state.data["buckets"].items()}
+    be = TmaBackend(tma_gain=0.7)
+    t = tm.Tuner(state, be, clock=FakeClock(), out_dir=tmp_path / "out", reserve_s=0, log=lambda s: None,
+                 tma_only=True)
+    ms = [16384, 2048, 64, 1]
+    assert t.run(ms) == {"stopped": None, "left": []}
+    assert be.timed and all(p == "down" and k.endswith(",tma") for p, _, k in be.timed)  # nothing plain
+    after = state.data["measured"]
+    for p in tm.PROJS:  # the plain measurements are untouched
+        for m, d in before[p].items():
+            assert {k: v for k, v in after[p][m].items() if not tm.key_uses_tma(k)} == d
+    for m in ms:
+        b = state.bucket(m)
+        assert b["status"] == "done" and b["tma"]["status"] == "done" and tm.key_uses_tma(b["down"])
+        pairs = dict(((u, d), us) for u, d, us in b["pipeline"])
+        assert picks[str(m)] in pairs  # the earlier choice was re-timed beside the TMA pairs
+    assert state.bucket(16384).get("pipeline_before_tma")  # the earlier whole-MoE ranking is kept
+    assert "tma" not in state.bucket(4096)  # not in --ms: untouched
+    assert (state.bucket(4096)["up"], state.bucket(4096)["down"]) == picks["4096"]
+    up, down = t.tables()
+    _no_up_tma(up, down)
+    assert down[16384]["USE_TMA"] is True and "USE_TMA" not in down[4096]
+    # a second pass has nothing left to do
+    be2 = TmaBackend()
+    t2 = tm.Tuner(tm.State.load(state.path), be2, clock=FakeClock(), reserve_s=0, log=lambda s: None, tma_only=True)
+    assert t2.run(ms)["left"] == [] and be2.timed == [] and be2.pipelines == []
+
+
+@pytest.mark.skipif(not H200_STATE.exists(), reason="no committed H200 state")
+def test_down_tma_only_pass_respects_the_budget_and_resumes(tmp_path):
+    ms = [16384, 8192, 1]
+    full = TmaBackend()
+    (tmp_path / "full").mkdir()
+    tm.Tuner(_copy_state(tmp_path / "full", H200_STATE), full, clock=FakeClock(), reserve_s=0, log=lambda s: None,
+             tma_only=True).run(ms)
+    per_m = {M: sum(1 for _, m, _ in full.timed if m == M) for M in ms}
+    assert all(per_m.values())
+    state = _copy_state(tmp_path, H200_STATE)
+    pick_8192 = (state.bucket(8192)["up"], state.bucket(8192)["down"])
+    clock = FakeClock()
+    be = TmaBackend(clock)
+    budget = per_m[16384] + 5  # the first bucket and a few configs of the second
+    t = tm.Tuner(state, be, budget_s=budget, clock=clock, out_dir=tmp_path / "out", reserve_s=0,
+                 log=lambda s: None, tma_only=True)
+    res = t.run(ms)
+    assert res["stopped"] == "budget spent during M=8192" and res["left"] == [8192, 1]
+    assert len(be.timed) <= budget and {m for _, m, _ in be.timed} == {16384, 8192}
+    assert state.bucket(16384)["tma"]["status"] == "done" and tm.key_uses_tma(state.bucket(16384)["down"])
+    b = state.bucket(8192)  # cut by the budget: keeps its earlier pick, stays tuned
+    assert b["status"] == "done" and b["tma"]["status"] == "partial" and (b["up"], b["down"]) == pick_8192
+    assert [m for m, _ in be.pipelines] == [16384]
+    written = tm.read_table(tmp_path / "out" / PROBLEM.file_name(True))
+    assert written[16384]["USE_TMA"] is True and "USE_TMA" not in written[8192]
+    # resumed without a budget: nothing measured twice, together the same as one uninterrupted pass
+    be2 = TmaBackend()
+    t2 = tm.Tuner(tm.State.load(state.path), be2, clock=FakeClock(), reserve_s=0, log=lambda s: None, tma_only=True)
+    assert t2.run(ms)["left"] == []
+    assert not set(be.timed) & set(be2.timed) and sorted(be.timed + be2.timed) == sorted(full.timed)
+
+
+def test_down_tma_only_skips_buckets_not_searched(tmp_path):
+    t = _tuner(tmp_path, FakeBackend())
+    t.run([16384])  # a plain run: M=16384 searched, M=1 not
+    be = TmaBackend()
+    t2 = tm.Tuner(tm.State.load(tmp_path / "state.json"), be, clock=FakeClock(), reserve_s=0,
+                  log=lambda s: None, tma_only=True)
+    res = t2.run([16384, 1])
+    assert {m for _, m, _ in be.timed} == {16384} and res["left"] == [1]
+    assert t2.state.bucket(1).get("status") != "done"
+
+
+def test_cli_tma_options(tmp_path, capsys):
+    from sglang_gemma4_opt.cli import main
+
+    assert main(["tune-moe", "--dry-run", "--device-name", H200]) == 0
+    assert "TMA stage coarse (down)" in capsys.readouterr().out
+    assert main(["tune-moe", "--down-tma-only", "--device-name", H200, "--state", str(tmp_path / "none.json"),
+                 "--out-dir", str(tmp_path)]) == 2
+    assert "needs a tuned state" in capsys.readouterr().err
+    assert main(["tune-moe", "--down-tma-only", "--no-tma", "--device-name", H200]) == 2

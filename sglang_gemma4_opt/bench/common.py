@@ -298,7 +298,8 @@ def time_variants(
     variants: label -> (step(i), context factory or None). step(i) enqueues call i (rotating its
     inputs by i); the context (e.g. `SideBySide.use`) is entered for warm-up and capture, which is
     when sglang picks block sizes and configs; replays need no Python. Each round replays every
-    variant's graph in turn (A, B, A, B, ...), so drift in clocks or temperature hits both alike;
+    variant's graph in turn, the order reversed every other round (A B, B A, ...), so drift in clocks
+    or temperature hits both alike;
     round medians are kept in the record to show the spread.
     """
     import torch
@@ -314,8 +315,13 @@ def time_variants(
     replays = int(max(min_replays, min(max_replays, budget_s * 1e6 / per_graph_us / max(rounds, 1))))
     samples: dict[str, list[float]] = {k: [] for k in graphs}
     round_medians: dict[str, list[float]] = {k: [] for k in graphs}
-    for _ in range(rounds):
-        for label, g in graphs.items():
+    order = list(graphs)
+    for r in range(rounds):
+        # A B, then B A, ...: a variant timed second in every round would carry whatever drifts
+        # within a round (clocks falling as the GPU heats under long GEMMs: 4% on an H100 between
+        # two identical MoE configs at M=4096 with a fixed A-B order).
+        for label in (order if r % 2 == 0 else order[::-1]):
+            g = graphs[label]
             block = _replay_block(g, calls, replays)
             samples[label] += block
             round_medians[label].append(statistics.median(block))

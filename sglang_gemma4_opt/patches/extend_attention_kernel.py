@@ -27,6 +27,7 @@ import inspect
 import logging
 
 from ..core import HookSpec, NotApplicable, TargetChanged, import_first, sglang_deterministic
+from ..settings import trace_enabled
 
 NAME = "extend_attention_kernel"
 SUMMARY = "Hopper Triton extend attention (pipelined, window-aware) for head dims 256/512"
@@ -50,6 +51,21 @@ IGNORED = frozenset({"extend_seq_lens_cpu"})
 
 logger = logging.getLogger("sglang_gemma4_opt")
 _fallback_logged = False
+_traced: set = set()
+
+
+def _trace(call: dict, why) -> None:
+    """SGLANG_GEMMA4_OPT_TRACE=1: one log line per kind of call (head dim, heads, window, length, route)."""
+    try:
+        q = call.get("q_extend")
+        kind = (tuple(q.shape[1:]) if q is not None else None, call.get("sliding_window_size"),
+                call.get("max_len_extend"), why)
+    except Exception:  # tracing must never matter
+        return
+    if kind not in _traced and len(_traced) < 256:
+        _traced.add(kind)
+        logger.info("sglang-gemma4-opt trace: extend attention q %s window %s max_len %s -> %s", kind[0], kind[1],
+                    kind[2], "plugin kernel" if why is None else f"sglang's kernel ({why})")
 
 
 def _same(a, b) -> bool:
@@ -92,11 +108,15 @@ def make_hook(params: tuple[str, ...], extra_defaults: dict):
             why = "deterministic inference" if sglang_deterministic() else route(call, extra_defaults)
         except Exception as e:  # never let routing take the call down
             why = f"routing failed: {e}"
+        if trace_enabled():
+            _trace(call, why)
         if why is None:
             try:
                 ka.extend_attention_fwd(**{k: call[k] for k in BASE_PARAMS if k in call})
                 return None
             except Exception as e:  # e.g. a compile failure: sglang's kernel still answers
+                if trace_enabled():
+                    _trace(call, f"plugin kernel raised {type(e).__name__}: {e}")
                 if not _fallback_logged:
                     _fallback_logged = True
                     logger.warning("sglang-gemma4-opt: extend_attention_kernel fell back to sglang's kernel: %s", e)

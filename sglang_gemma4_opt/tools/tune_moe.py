@@ -4,6 +4,7 @@ tables in sglang's format, named as sglang names them.
     sglang-gemma4-opt tune-moe --N 704 --budget 6                      # Gemma4 26B-A4B, TP=1, bf16
     sglang-gemma4-opt tune-moe --N 352 --budget 6                      # TP=2
     sglang-gemma4-opt tune-moe --N 704 --dry-run                       # the plan, no GPU needed
+    sglang-gemma4-opt tune-moe --N 704 --down-tma-only --budget 4      # add the TMA stage to a tuned state
     sglang-gemma4-opt tune-moe --refinalize --state benchmarks/tuning/<shape>.state.json   # no GPU
 
 What it does, per M bucket (token count; M is a run-time argument of the kernel, so a config compiles
@@ -17,20 +18,38 @@ once and serves every M of one specialisation class):
   first, then a coarse grid over BLOCK_SIZE_M/N/K, num_warps, num_stages, then rounds of one-parameter
   moves (GROUP_SIZE_M, num_stages, BLOCK_K, BLOCK_N, num_warps) around the best configs of each
   BLOCK_SIZE_M;
+* then the TMA stage (where the GPU, triton and sglang have the path: Hopper, triton's
+  TensorDescriptor, an sglang whose fused_experts reads USE_TMA; --no-tma leaves it out): the down
+  kernel with `"USE_TMA": true`, i.e. as sglang runs it then: the up kernel stores its rows in the
+  sorted, block-padded `moe_align_block_size` order (c_sorted; M*topk + min(M*topk, E+1)*(BLOCK_M-1)
+  rows), the activation runs over those rows, and the down kernel reads them and w2 through TMA
+  descriptors (a_use_tma, b_use_tma). The down kernel is timed that way (sglang's
+  `invoke_fused_moe_kernel`, sorted and padded input): the TMA twins of the base entry and of the 6
+  (--tma-top) fastest plain down configs of every BLOCK_SIZE_M, the coarse grid on the TMA path, then
+  rounds of one-parameter moves around the best TMA configs. USE_TMA goes in the down table only:
+  sglang 0.5.11/0.5.12 have no up TMA path (they pass the up entry to the kernel as arguments);
 * the written pair has one BLOCK_SIZE_M (sglang asserts it: both kernels walk one
   `moe_align_block_size` layout): the BLOCK_SIZE_M with the least up + down time wins;
-* from M=256 on (--pipeline-from), up to 12 of the best pairs (the base pair included) are re-ranked by
-  timing sglang's whole `fused_experts` (align, up, activation, down, sum) with the pair served as its
-  table, interleaved over two rounds of 0.1 s each: under sustained load the clocks drop more for some
-  tiles than for others, which the short per-kernel timings miss (seen on the H200: kernel-level
-  winners 1.29x faster than the PR's pair at M=16384 were 1.13x faster in the whole MoE);
+* from M=256 on (--pipeline-from), and at every M where TMA downs were timed, up to 12 of the best
+  pairs (the base pair included) are re-ranked by timing sglang's whole `fused_experts` (align, up,
+  activation, down, sum) with the pair served as its table, interleaved over two rounds of 0.1 s each:
+  under sustained load the clocks drop more for some tiles than for others, which the short per-kernel
+  timings miss (seen on the H200: kernel-level winners 1.29x faster than the PR's pair at M=16384 were
+  1.13x faster in the whole MoE). Plain and TMA pairs take turns in those 12 (best kernel sum first),
+  and the bucket's earlier choice is among them when the TMA stage comes to a tuned bucket; the
+  kernel timings miss what TMA changes around the down kernel (the sorted up store, the activation over
+  the padded rows), so a TMA pair is only ever chosen on this whole-MoE timing;
 * the base pair is kept (its entries written verbatim) unless the winner beats it by --min-gain (3%) in
   the whole-MoE timing, or --min-gain-kernel (1%) where only kernels were timed: smaller "gains" are
-  run-to-run noise. `--refinalize` re-applies these thresholds to a state file without a GPU;
+  run-to-run noise; likewise a TMA pair is written only if it beats the best plain pair of the same
+  whole-MoE timing by --min-gain. `--refinalize` re-applies these thresholds to a state file without
+  a GPU;
 * each winner is checked against a torch float32 reference on fresh random inputs (outputs poisoned
   with NaN first, so an unwritten element fails): relative Frobenius error <= --rel-tol (default 1e-2
   for bf16: bf16 rounding of the output alone is ~2e-3); a failing config is rejected and the next
-  best taken.
+  best taken. A pair with a TMA down is also checked whole: sglang's `fused_experts` with the pair as
+  its table vs a float32 gated-gelu MoE (the final output, not the sorted intermediate; free allocator
+  memory filled with NaN first, best effort); a failing pair is rejected (state "pair_checks").
 
 Pruning for Hopper (`block_m_range`, `is_valid`): BLOCK_SIZE_M from next_pow2(2*M*topk/E) down to a
 quarter of it, within 16..--max-block-m; BLOCK_N 32..256, BLOCK_K 64..256, GROUP_SIZE_M {1,16,32,64},
@@ -42,11 +61,18 @@ Compiling dominates: candidates are compiled on a thread pool (`triton.AsyncComp
 compiler releases the GIL) before they are timed; the state records serial vs parallel compile rates.
 
 Resumable: every measured (projection, M, config) -> median us goes to a state file (JSON, saved after
-every compile batch); a rerun with the same state file skips what is measured and continues. Tables are
-(re)written after every bucket and at the end. --budget MINUTES tunes buckets in order of value (prefill
-M >= 2048 largest first, then M=1, then the other powers of two downwards, then the rest) and stops
-cleanly, keeping the best of a half-searched bucket only if its base entry was timed for both kernels.
-Keys not tuned keep the base table's entries, so the written tables are always complete.
+every compile batch); a rerun with the same state file skips what is measured and continues. Config keys
+are "BM,BN,BK,G,W,S", with ",tma" appended for a down config on the TMA path: keys of state files written
+before the TMA option mean USE_TMA=False and stay valid. Tables are (re)written after every bucket and at
+the end. --budget MINUTES tunes buckets in order of value (prefill M >= 2048 largest first, then M=1,
+then the other powers of two downwards, then the rest) and stops cleanly, keeping the best of a
+half-searched bucket only if its base entry was timed for both kernels. Keys not tuned keep the base
+table's entries, so the written tables are always complete.
+
+--down-tma-only: a pass over an existing state that runs only the TMA stage (and its whole-MoE
+re-ranking) in the buckets whose search is done, in the same order of value, within --budget; the plain
+search is not extended, and a bucket whose TMA stage the budget cuts keeps its earlier pick (the stage
+resumes next time). The whole-MoE ranking the TMA stage replaces is kept as "pipeline_before_tma".
 """
 
 from __future__ import annotations
@@ -75,6 +101,7 @@ WARPS = (4, 8)
 STAGES = (2, 3, 4, 5)
 SMEM_LIMIT = 227 * 1024  # Hopper: 227 KB of shared memory per block (opt-in maximum)
 CFG_KEYS = ("BLOCK_SIZE_M", "BLOCK_SIZE_N", "BLOCK_SIZE_K", "GROUP_SIZE_M", "num_warps", "num_stages")
+TMA_KEY = "USE_TMA"  # down table only: sglang 0.5.11/0.5.12 splat the up entry into the kernel call
 PROJS = ("up", "down")
 DTYPES = {"bf16": None, "bfloat16": None, "fp8_w8a8": "fp8_w8a8"}  # CLI name -> sglang's dtype selector
 STATE_FORMAT = 1
@@ -113,32 +140,82 @@ def is_valid(cfg: dict, elt_bytes: int = 2, smem_limit: int = SMEM_LIMIT) -> boo
     return True
 
 
-def make_cfg(bm, bn, bk, g, w, s) -> dict:
-    return dict(zip(CFG_KEYS, (bm, bn, bk, g, w, s)))
+def make_cfg(bm, bn, bk, g, w, s, tma: bool = False) -> dict:
+    c = dict(zip(CFG_KEYS, (bm, bn, bk, g, w, s)))
+    if tma:
+        c[TMA_KEY] = True
+    return c
+
+
+def uses_tma(cfg: dict) -> bool:
+    return bool(cfg.get(TMA_KEY, False))
 
 
 def normalize(cfg: dict) -> dict:
-    """A table entry as the kernel runs it: Triton's defaults (4 warps, 3 stages) where it names none."""
+    """A table entry as the kernel runs it: Triton's defaults (4 warps, 3 stages) where it names none;
+    `USE_TMA: True` kept (a false or missing USE_TMA is the same entry: sglang pops it, default False)."""
     out = {k: int(cfg[k]) for k in CFG_KEYS[:3]}
     out["GROUP_SIZE_M"] = int(cfg.get("GROUP_SIZE_M", 1))
     out["num_warps"] = int(cfg.get("num_warps", 4))
     out["num_stages"] = int(cfg.get("num_stages", 3))
+    if uses_tma(cfg):
+        out[TMA_KEY] = True
     return out
 
 
-def cfg_key(cfg: dict) -> str:
+def with_tma(cfg: dict, on: bool = True) -> dict:
+    """The same tiles with the down kernel's TMA path on (or off)."""
     c = normalize(cfg)
-    return ",".join(str(c[k]) for k in CFG_KEYS)
+    c.pop(TMA_KEY, None)
+    if on:
+        c[TMA_KEY] = True
+    return c
+
+
+def kernel_config(cfg: dict) -> dict:
+    """What `invoke_fused_moe_kernel` gets (it splats the dict into the kernel's constexprs): sglang pops
+    USE_TMA from the down entry first and passes it as a_use_tma/b_use_tma instead."""
+    return {k: v for k, v in cfg.items() if k != TMA_KEY}
+
+
+def cfg_key(cfg: dict) -> str:
+    """"BM,BN,BK,G,W,S", plus ",tma" for a down config on the TMA path. Keys without the suffix (every
+    key of a state file written before the TMA option) mean USE_TMA=False."""
+    c = normalize(cfg)
+    return ",".join(str(c[k]) for k in CFG_KEYS) + (",tma" if c.get(TMA_KEY) else "")
+
+
+def key_uses_tma(key: str) -> bool:
+    return key.endswith(",tma")
 
 
 def parse_key(key: str) -> dict:
-    return make_cfg(*(int(x) for x in key.split(",")))
+    parts = key.split(",")
+    tma = parts[-1] == "tma"
+    if tma:
+        parts = parts[:-1]
+    if len(parts) != len(CFG_KEYS):
+        raise ValueError(f"not a config key: {key!r}")
+    return make_cfg(*(int(x) for x in parts), tma=tma)
 
 
-def coarse_space(M: int, topk: int, E: int, elt_bytes: int = 2, max_block_m: int = 256) -> list[dict]:
+def tma_possible(N: int, elt_bytes: int = 2) -> bool:
+    """TMA descriptors need 16-byte aligned row strides: the down kernel's A (tokens, N) and B (E, K, N)."""
+    return (N * elt_bytes) % 16 == 0
+
+
+def total_tokens(M: int, topk: int, E: int, block_m: int) -> int:
+    """Rows of sglang's intermediate caches on the TMA down path (`_fused_moe_kernel_sequence`): the up
+    kernel stores them in `moe_align_block_size`'s sorted, block-padded order (c_sorted)."""
+    return M * topk + min(M * topk, E + 1) * (block_m - 1)
+
+
+def coarse_space(M: int, topk: int, E: int, elt_bytes: int = 2, max_block_m: int = 256,
+                 tma: bool = False) -> list[dict]:
     """First pass at M. Decode sizes (BLOCK_M 16 only): every BLOCK_N/K, warps, stages (the grid is
     small, so tile shape and pipeline depth decide). Larger M: BLOCK_N {64,128,256} x BLOCK_K {64,128} x
-    warps {4,8} x stages {3,4}, GROUP_SIZE_M 1; the refinement moves GROUP_SIZE_M and the rest."""
+    warps {4,8} x stages {3,4}, GROUP_SIZE_M 1; the refinement moves GROUP_SIZE_M and the rest.
+    tma=True: the same grid on the down kernel's TMA path."""
     bms = block_m_range(M, topk, E, max_block_m)
     out = []
     if bms == [16]:
@@ -146,19 +223,20 @@ def coarse_space(M: int, topk: int, E: int, elt_bytes: int = 2, max_block_m: int
             for bk in BLOCK_KS:
                 for w in WARPS:
                     for s in STAGES:
-                        out.append(make_cfg(16, bn, bk, 1, w, s))
+                        out.append(make_cfg(16, bn, bk, 1, w, s, tma))
     else:
         for bm in bms:
             for bn in (64, 128, 256):
                 for bk in (64, 128):
                     for w in WARPS:
                         for s in (3, 4):
-                            out.append(make_cfg(bm, bn, bk, 1, w, s))
+                            out.append(make_cfg(bm, bn, bk, 1, w, s, tma))
     return [c for c in out if is_valid(c, elt_bytes)]
 
 
 def neighbours(cfg: dict, elt_bytes: int = 2) -> list[dict]:
-    """Configs one parameter away (BLOCK_SIZE_M kept: the joint choice compares BLOCK_SIZE_M values)."""
+    """Configs one parameter away (BLOCK_SIZE_M kept: the joint choice compares BLOCK_SIZE_M values;
+    USE_TMA kept: the TMA stage refines TMA configs, the search before it plain ones)."""
     c = normalize(cfg)
     out = []
     for key, values in (("GROUP_SIZE_M", GROUPS), ("num_stages", STAGES), ("BLOCK_SIZE_K", BLOCK_KS),
@@ -169,6 +247,27 @@ def neighbours(cfg: dict, elt_bytes: int = 2) -> list[dict]:
                 if is_valid(n, elt_bytes):
                     out.append(n)
     return out
+
+
+def tma_candidates(down_times: dict[str, float], base_down: dict, M: int, topk: int, E: int, elt_bytes: int = 2,
+                   max_block_m: int = 256, top: int = 6) -> list[dict]:
+    """First pass of the TMA stage (down kernel): the TMA twin of the base entry, the TMA twins of the
+    `top` fastest plain down configs of every BLOCK_SIZE_M measured, then the coarse grid on the TMA
+    path (its best tiles may differ: loads are asynchronous)."""
+    by_bm: dict[int, list[tuple[float, str]]] = {}
+    for k, us in down_times.items():
+        if not key_uses_tma(k):
+            by_bm.setdefault(parse_key(k)["BLOCK_SIZE_M"], []).append((us, k))
+    out = [with_tma(base_down)]
+    for bm in sorted(by_bm):
+        out += [with_tma(parse_key(k)) for _, k in sorted(by_bm[bm])[:top]]
+    out += coarse_space(M, topk, E, elt_bytes, max_block_m, tma=True)
+    seen, uniq = set(), []
+    for c in out:
+        if cfg_key(c) not in seen and is_valid(c, elt_bytes):
+            seen.add(cfg_key(c))
+            uniq.append(c)
+    return uniq
 
 
 def order_buckets(ms: Iterable[int], prefill_from: int = 2048) -> list[int]:
@@ -204,19 +303,24 @@ def build_tables(base_up: dict[int, dict], base_down: dict[int, dict] | None,
     """(up, down) tables: base keys keep their entries unless tuned; tuned keys (new ones too) get the
     tuned pair. Both tables get the same keys and, per key, the same BLOCK_SIZE_M (sglang asserts it);
     a base pair that breaks that rule keeps its up entry for both kernels (what sglang runs when it
-    has no down table)."""
+    has no down table). USE_TMA only ever lands in the down table: sglang 0.5.11/0.5.12 pass the up
+    entry to the kernel as keyword arguments (an up USE_TMA would fail there), and only the down
+    kernel has a TMA path in them."""
     up, down = {}, {}
     for m in sorted(set(base_up) | set(tuned)):
         if m in tuned:
             u, d = tuned[m]
             if u["BLOCK_SIZE_M"] != d["BLOCK_SIZE_M"]:
                 raise ValueError(f"M={m}: tuned BLOCK_SIZE_M differ ({u['BLOCK_SIZE_M']} vs {d['BLOCK_SIZE_M']})")
+            if TMA_KEY in u:
+                raise ValueError(f"M={m}: USE_TMA in a tuned up entry (a down-table option)")
             up[m], down[m] = dict(u), dict(d)
             continue
         u = dict(base_up[m])
         d = dict(nearest_entry(base_down, m)) if base_down else dict(u)
         if d.get("BLOCK_SIZE_M") != u.get("BLOCK_SIZE_M"):
             d = dict(u)
+        u.pop(TMA_KEY, None)
         up[m], down[m] = u, d
     return up, down
 
@@ -315,8 +419,11 @@ class State:
         return {int(k): v for k, v in t.items()} if t else None
 
     def base_entry(self, proj: str, M: int) -> dict:
-        t = self.base(proj) if proj == "down" and self.base("down") else self.base("up")
-        return nearest_entry(t, M)
+        if proj == "down" and self.base("down"):
+            return nearest_entry(self.base("down"), M)
+        e = dict(nearest_entry(self.base("up"), M))
+        e.pop(TMA_KEY, None)  # an up entry's USE_TMA (sglang 0.5.23+ only) is not what the tuner writes
+        return e
 
     def measured(self, proj: str, M: int) -> dict[str, Any]:
         return self.data["measured"][proj].setdefault(str(M), {})
@@ -333,6 +440,15 @@ class State:
     def set_check(self, proj: str, M: int, key: str, ok: bool, rel_err, why: str = "") -> None:
         self.data["checks"][proj].setdefault(str(M), {})[key] = {"ok": bool(ok), "rel_err": rel_err, "why": why}
 
+    def pair_check(self, M: int, up: str, down: str) -> dict | None:
+        """Whole-MoE check of an (up, down) pair (pairs with a TMA down: the up kernel's sorted store,
+        the activation over the padded rows and the TMA down kernel, through sglang's fused_experts)."""
+        return self.data.get("pair_checks", {}).get(str(M), {}).get(f"{up}|{down}")
+
+    def set_pair_check(self, M: int, up: str, down: str, ok: bool, rel_err, why: str = "") -> None:
+        self.data.setdefault("pair_checks", {}).setdefault(str(M), {})[f"{up}|{down}"] = {
+            "ok": bool(ok), "rel_err": rel_err, "why": why}
+
     def bucket(self, M: int) -> dict:
         return self.data["buckets"].setdefault(str(M), {"status": "todo"})
 
@@ -347,12 +463,20 @@ class State:
         return out
 
 
-def select_joint(state: State, M: int) -> tuple[str, str] | None:
-    """(up key, down key) with one BLOCK_SIZE_M and the least up + down time, or None."""
+def _tma_filter(key: str, tma: bool | None) -> bool:
+    return tma is None or key_uses_tma(key) == tma
+
+
+def select_joint(state: State, M: int, tma: bool = False) -> tuple[str, str] | None:
+    """(up key, down key) with one BLOCK_SIZE_M and the least up + down time, or None. TMA downs only
+    with tma=True: the kernel timings miss what TMA changes around the down kernel (the up kernel's
+    sorted store, the activation over the padded rows), so a TMA pair is chosen on the whole MoE."""
     best: dict[str, dict[int, tuple[float, str]]] = {}
     for proj in PROJS:
         per_bm: dict[int, tuple[float, str]] = {}
         for key, us in state.times(proj, M).items():
+            if proj == "down" and not tma and key_uses_tma(key):
+                continue
             bm = parse_key(key)["BLOCK_SIZE_M"]
             if bm not in per_bm or us < per_bm[bm][0]:
                 per_bm[bm] = (us, key)
@@ -364,36 +488,57 @@ def select_joint(state: State, M: int) -> tuple[str, str] | None:
     return best["up"][bm][1], best["down"][bm][1]
 
 
-def pipeline_pairs(state: State, M: int, per_bm: int = 2, max_pairs: int = 12) -> list[tuple[str, str]]:
-    """Pairs for the whole-MoE re-ranking: the base pair first, then for each BLOCK_SIZE_M (best kernel
-    sum first) every combination of its `per_bm` fastest up and down configs, up to `max_pairs`."""
-    by_bm: dict[str, dict[int, list[tuple[float, str]]]] = {}
-    for proj in PROJS:
-        d: dict[int, list[tuple[float, str]]] = {}
-        for key, us in state.times(proj, M).items():
-            d.setdefault(parse_key(key)["BLOCK_SIZE_M"], []).append((us, key))
-        by_bm[proj] = {bm: sorted(v)[:per_bm] for bm, v in d.items()}
-    out: list[tuple[str, str]] = []
-    bu, bd = cfg_key(state.base_entry("up", M)), cfg_key(state.base_entry("down", M))
+def pipeline_pairs(state: State, M: int, per_bm: int = 2, max_pairs: int = 12,
+                   keep: Iterable[tuple[str, str]] = ()) -> list[tuple[str, str]]:
+    """Pairs for the whole-MoE re-ranking: the base pair first, then the `keep` pairs (the bucket's
+    earlier choice, when the TMA stage re-ranks a tuned bucket), then for each BLOCK_SIZE_M every
+    combination of its `per_bm` fastest up and down configs, best kernel sum first, up to `max_pairs`.
+    Where TMA downs were measured, plain and TMA combinations take turns (plain, TMA, plain, ...), so
+    TMA pairs are re-ranked even where their kernel sums trail."""
     times = {p: state.times(p, M) for p in PROJS}
-    if bu in times["up"] and bd in times["down"] and parse_key(bu)["BLOCK_SIZE_M"] == parse_key(bd)["BLOCK_SIZE_M"]:
+    out: list[tuple[str, str]] = []
+
+    def ok(u, d):
+        return (u in times["up"] and d in times["down"]
+                and parse_key(u)["BLOCK_SIZE_M"] == parse_key(d)["BLOCK_SIZE_M"])
+
+    bu, bd = cfg_key(state.base_entry("up", M)), cfg_key(state.base_entry("down", M))
+    if ok(bu, bd):
         out.append((bu, bd))
-    combos = []
-    for bm in set(by_bm["up"]) & set(by_bm["down"]):
-        for tu, ku in by_bm["up"][bm]:
-            for td, kd in by_bm["down"][bm]:
-                combos.append((tu + td, ku, kd))
-    for _, ku, kd in sorted(combos):
+    for u, d in keep:
+        if u and d and ok(u, d) and (u, d) not in out:
+            out.append((u, d))
+    lists = []
+    for tma in (False, True):
+        by_bm: dict[str, dict[int, list[tuple[float, str]]]] = {}
+        for proj in PROJS:
+            d: dict[int, list[tuple[float, str]]] = {}
+            for key, us in times[proj].items():
+                if proj == "down" and key_uses_tma(key) != tma:
+                    continue
+                d.setdefault(parse_key(key)["BLOCK_SIZE_M"], []).append((us, key))
+            by_bm[proj] = {bm: sorted(v)[:per_bm] for bm, v in d.items()}
+        combos = []
+        for bm in set(by_bm["up"]) & set(by_bm["down"]):
+            for tu, ku in by_bm["up"][bm]:
+                for td, kd in by_bm["down"][bm]:
+                    combos.append((tu + td, ku, kd))
+        lists.append([(ku, kd) for _, ku, kd in sorted(combos)])
+    merged = []
+    for i in range(max(len(x) for x in lists)):
+        merged += [x[i] for x in lists if i < len(x)]
+    for pair in merged:
         if len(out) >= max_pairs:
             break
-        if (ku, kd) not in out:
-            out.append((ku, kd))
+        if pair not in out:
+            out.append(pair)
     return out
 
 
-def seeds(state: State, proj: str, M: int, top: int = 3) -> list[dict]:
-    """Refinement seeds: the `top` fastest configs and the fastest of every BLOCK_SIZE_M."""
-    times = state.times(proj, M)
+def seeds(state: State, proj: str, M: int, top: int = 3, tma: bool | None = None) -> list[dict]:
+    """Refinement seeds: the `top` fastest configs and the fastest of every BLOCK_SIZE_M (tma=False:
+    plain configs only; True: TMA configs only; None: all)."""
+    times = {k: v for k, v in state.times(proj, M).items() if _tma_filter(k, tma)}
     ranked = sorted(times, key=times.get)
     out = list(ranked[:top])
     seen_bm = set()
@@ -415,7 +560,7 @@ class Tuner:
                  out_dir: Path | None = None, max_block_m: int = 256, refine_rounds: int = 2, chunk: int = 64,
                  reserve_s: float | None = None, log: Callable[[str], None] = print, progress=None,
                  pipeline_from: int = 256, pipeline_pairs: int = 12, min_gain: float = 0.03,
-                 min_gain_kernel: float = 0.01):
+                 min_gain_kernel: float = 0.01, tma: bool = True, tma_only: bool = False, tma_top: int = 6):
         self.state = state
         self.backend = backend
         self.clock = clock
@@ -433,9 +578,15 @@ class Tuner:
         self.log = log
         self.progress = progress or (lambda it, total=None, desc="": it)
         self.problem = state.problem
+        # The TMA stage needs a backend that runs the down kernel's TMA path (Hopper, a triton with
+        # TensorDescriptor, an sglang that reads USE_TMA), times the whole MoE and checks whole-MoE pairs.
+        self.tma = bool(tma and getattr(backend, "supports_tma", False) and hasattr(backend, "time_pipeline")
+                        and hasattr(backend, "check_pair") and tma_possible(self.problem.N, self.problem.elt_bytes))
+        self.tma_only = tma_only
+        self.tma_top = tma_top
         self.session = {"started": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                         "budget_s": budget_s, "measured": 0, "compiled_batches": [], "buckets": [],
-                        "stopped": None}
+                        "stopped": None, "tma": self.tma, "tma_only": tma_only}
         state.data["sessions"].append(self.session)
 
     # --- budget
@@ -479,68 +630,126 @@ class Tuner:
                 self.state.save()
         return n
 
-    def best_us(self, proj: str, M: int) -> float:
-        t = self.state.times(proj, M)
-        return min(t.values()) if t else math.inf
+    def best_us(self, proj: str, M: int, tma: bool | None = None) -> float:
+        t = [us for k, us in self.state.times(proj, M).items() if _tma_filter(k, tma)]
+        return min(t) if t else math.inf
 
     # --- one bucket
+    def pending(self, M: int) -> bool:
+        """Whether `run` has work at M: the search (not with --down-tma-only), the TMA stage, or the
+        whole-MoE stage of a bucket tuned before it existed."""
+        b = self.state.bucket(M)
+        if b.get("status") != "done":
+            return not self.tma_only
+        if self.tma and b.get("tma", {}).get("status") != "done":
+            return True
+        return not self.tma_only and self.wants_pipeline(M) and not b.get("pipeline")
+
     def tune_bucket(self, M: int) -> None:
         b = self.state.bucket(M)
-        if b.get("status") == "done":
-            if self.wants_pipeline(M) and not b.get("pipeline"):  # tuned before the whole-MoE stage
-                self.backend.setup(M)
-                try:
-                    self.pipeline(M)
-                except BudgetExhausted:
-                    return
-                self.finalize(M, True)
+        if not self.pending(M):
             return
-        E, topk, elt = self.problem.E, self.problem.topk, self.problem.elt_bytes
+        searched = b.get("status") == "done"  # tuned before: only the TMA (or whole-MoE) stage is new
         self.backend.setup(M)
-        b["status"] = "partial"
         try:
-            for proj in PROJS:
-                base = normalize(self.state.base_entry(proj, M))
-                self.measure(proj, M, [base], "base")
-            for proj in PROJS:
-                self.measure(proj, M, coarse_space(M, topk, E, elt, self.max_block_m), "coarse")
-            rounds = b.setdefault("rounds", [])
-            for r in range(self.refine_rounds):
-                if r == len(rounds):
-                    # seeds and the best time before the round are frozen in the state, so a resumed
-                    # run makes the same moves as an uninterrupted one
-                    rounds.append({p: {"seeds": [cfg_key(s) for s in seeds(self.state, p, M)],
-                                       "before": self.best_us(p, M)} for p in PROJS})
-                    self.state.save()
-                rd = rounds[r]
-                for proj in PROJS:
-                    cands = [n for s in rd[proj]["seeds"] for n in neighbours(parse_key(s), elt)]
-                    self.measure(proj, M, cands, f"refine {r + 1}")
-                if not any(self.best_us(p, M) < rd[p]["before"] for p in PROJS):
-                    break
+            if not searched:
+                b["status"] = "partial"
+                self.search(M)
+            if self.tma:
+                self.tma_stage(M)
             self.pipeline(M)
             complete = True
         except BudgetExhausted:
             complete = False
+        if searched and not complete:
+            self.state.save()  # the bucket keeps its pick; the TMA stage goes on where it stopped next time
+            return
         self.finalize(M, complete)
+
+    def search(self, M: int) -> None:
+        """Base entries, the coarse grid, rounds of one-parameter moves: plain configs (no TMA)."""
+        b = self.state.bucket(M)
+        E, topk, elt = self.problem.E, self.problem.topk, self.problem.elt_bytes
+        for proj in PROJS:
+            self.measure(proj, M, [normalize(self.state.base_entry(proj, M))], "base")
+        for proj in PROJS:
+            self.measure(proj, M, coarse_space(M, topk, E, elt, self.max_block_m), "coarse")
+        rounds = b.setdefault("rounds", [])
+        for r in range(self.refine_rounds):
+            if r == len(rounds):
+                # seeds and the best time before the round are frozen in the state, so a resumed
+                # run makes the same moves as an uninterrupted one
+                rounds.append({p: {"seeds": [cfg_key(s) for s in seeds(self.state, p, M, tma=False)],
+                                   "before": self.best_us(p, M, tma=False)} for p in PROJS})
+                self.state.save()
+            rd = rounds[r]
+            for proj in PROJS:
+                cands = [n for s in rd[proj]["seeds"] for n in neighbours(parse_key(s), elt)]
+                self.measure(proj, M, cands, f"refine {r + 1}")
+            if not any(self.best_us(p, M, tma=False) < rd[p]["before"] for p in PROJS):
+                break
+
+    def tma_stage(self, M: int) -> None:
+        """The down kernel on sglang's TMA path (`"USE_TMA": true` in the down table): TMA twins of the
+        base entry and of the fastest plain down configs, the coarse grid on the TMA path, rounds of
+        one-parameter moves around the best TMA configs. Status in the bucket's "tma": todo, partial,
+        searched (measured; the whole-MoE re-ranking with TMA pairs still to come), done."""
+        b = self.state.bucket(M)
+        t = b.setdefault("tma", {"status": "todo"})
+        if t["status"] in ("searched", "done"):
+            return
+        t["status"] = "partial"
+        E, topk, elt = self.problem.E, self.problem.topk, self.problem.elt_bytes
+        base = normalize(self.state.base_entry("down", M))
+        # a deterministic function of the plain measurements, which this stage does not change: a
+        # resumed run measures the same candidates
+        cands = tma_candidates(self.state.times("down", M), base, M, topk, E, elt, self.max_block_m, self.tma_top)
+        self.measure("down", M, cands, "tma")
+        rounds = t.setdefault("rounds", [])
+        for r in range(self.refine_rounds):
+            if r == len(rounds):
+                rounds.append({"seeds": [cfg_key(s) for s in seeds(self.state, "down", M, tma=True)],
+                               "before": self.best_us("down", M, tma=True)})
+                self.state.save()
+            rd = rounds[r]
+            self.measure("down", M, [n for s in rd["seeds"] for n in neighbours(parse_key(s), elt)],
+                         f"tma refine {r + 1}")
+            if not self.best_us("down", M, tma=True) < rd["before"]:
+                break
+        t["status"] = "searched"
+        self.state.save()
 
     def pipeline(self, M: int) -> None:
         """Re-rank the best pairs by the whole fused MoE (sglang's `fused_experts`: align, up, activation,
         down, sum) with the pair served as sglang's table, timed for longer and interleaved: sustained
-        load lowers clocks more for some tiles than others, which short kernel timings do not see."""
+        load lowers clocks more for some tiles than others, which short kernel timings do not see. After
+        the TMA stage it runs again (at any M), with TMA pairs, the base pair and the bucket's earlier
+        choice in one interleaved timing; the earlier ranking is kept as "pipeline_before_tma"."""
         b = self.state.bucket(M)
-        if not self.wants_pipeline(M) or b.get("pipeline"):
+        t = b.get("tma") or {}
+        redo = t.get("status") == "searched"
+        if redo and not any(key_uses_tma(k) for k in self.state.times("down", M)):
+            redo, t["status"] = False, "done"  # no TMA config ran: nothing new to rank
+        if not self.wants_pipeline(M) or (b.get("pipeline") and not redo):
+            if redo:
+                t["status"] = "done"
             return
-        pairs = pipeline_pairs(self.state, M, max_pairs=self.pipeline_max)
-        if len(pairs) < 2:
-            return
-        self.check_budget()
-        us = self.backend.time_pipeline(M, [(parse_key(u), parse_key(d)) for u, d in pairs])
-        b["pipeline"] = [[u, d, round(float(t), 3)] for (u, d), t in zip(pairs, us)]
+        keep = [(b.get("up"), b.get("down")), (b.get("best_up"), b.get("best_down"))] if redo else []
+        pairs = pipeline_pairs(self.state, M, max_pairs=self.pipeline_max, keep=keep)
+        if len(pairs) >= 2:
+            self.check_budget()
+            us = self.backend.time_pipeline(M, [(parse_key(u), parse_key(d)) for u, d in pairs])
+            if redo and b.get("pipeline") and "pipeline_before_tma" not in b:
+                b["pipeline_before_tma"] = b["pipeline"]
+            b["pipeline"] = [[u, d, round(float(t), 3)] for (u, d), t in zip(pairs, us)]
+        if redo:
+            t["status"] = "done"
         self.state.save()
 
     def wants_pipeline(self, M: int) -> bool:
-        return M >= self.pipeline_from and hasattr(self.backend, "time_pipeline")
+        if not hasattr(self.backend, "time_pipeline"):
+            return False
+        return M >= self.pipeline_from or any(key_uses_tma(k) for k in self.state.times("down", M))
 
     def _check(self, proj: str, M: int, key: str) -> bool:
         if self.state.check(proj, M, key) is None:
@@ -555,6 +764,25 @@ class Tuner:
                 self.log(f"M={M} {proj} {key}: rejected ({why})")
         return self.state.check(proj, M, key)["ok"]
 
+    def _check_pair(self, M: int, up: str, down: str) -> bool:
+        """Pairs with a TMA down: sglang's whole fused_experts with the pair as its table vs a float32
+        MoE (the final output: the sorted intermediate layout is sglang's business)."""
+        if self.state.pair_check(M, up, down) is None:
+            try:
+                rel = float(self.backend.check_pair(M, parse_key(up), parse_key(down)))
+                ok = math.isfinite(rel) and rel <= self.backend.rel_tol
+                why = "" if ok else f"whole-MoE relative error {rel:.3g} > {self.backend.rel_tol:g}"
+            except Exception as e:
+                rel, ok, why = None, False, f"{type(e).__name__}: {str(e)[:160]}"
+            self.state.set_pair_check(M, up, down, ok, rel if rel is None or math.isfinite(rel) else None, why)
+            if not ok:
+                self.log(f"M={M} pair {up} | {down}: rejected ({why})")
+        return self.state.pair_check(M, up, down)["ok"]
+
+    def _pair_ok(self, M: int, up: str, down: str) -> bool:
+        return (self._check("up", M, up) and self._check("down", M, down)
+                and (not key_uses_tma(down) or self._check_pair(M, up, down)))
+
     def finalize(self, M: int, complete: bool) -> None:
         b = self.state.bucket(M)
         base_keys = {p: cfg_key(self.state.base_entry(p, M)) for p in PROJS}
@@ -565,17 +793,23 @@ class Tuner:
             self.state.save()
             return
         pl = {(u, d): t for u, d, t in b.get("pipeline") or []}
+        sel = plain = None
         for u, d in sorted(pl, key=pl.get):  # whole-MoE ranking first, where there is one
-            if self._check("up", M, u) and self._check("down", M, d):
-                sel = (u, d)
-                break
-        else:
-            sel = None
-        while sel is None:
+            if sel is not None and key_uses_tma(d):
+                continue
+            if self._pair_ok(M, u, d):
+                if sel is None:
+                    sel = (u, d)
+                    if not key_uses_tma(d):
+                        break
+                else:  # a TMA pair won: the best plain pair too, for apply_min_gain
+                    plain = (u, d)
+                    break
+        while sel is None:  # kernel sums: plain pairs only (a TMA pair needs the whole-MoE timing)
             sel = select_joint(self.state, M)
             if sel is None:
                 break
-            if not (self._check("up", M, sel[0]) and self._check("down", M, sel[1])):
+            if not self._pair_ok(M, *sel):
                 sel = None
                 continue
         if sel is None:
@@ -591,7 +825,7 @@ class Tuner:
                      measured={p: len(self.state.measured(p, M)) for p in PROJS})
             if pl:
                 b.update(pipeline_us=pl[sel], pipeline_base_us=pl.get((base_keys["up"], base_keys["down"])))
-            b.update(best_up=sel[0], best_down=sel[1])
+            b.update(best_up=sel[0], best_down=sel[1], plain_up=plain and plain[0], plain_down=plain and plain[1])
             self.apply_min_gain(M)
         self.state.save()
 
@@ -599,13 +833,20 @@ class Tuner:
         """Keep the base pair unless the winner beats it by --min-gain on the whole MoE (where that was
         timed) or --min-gain-kernel on the kernel sum: a smaller "gain" is run-to-run noise (the same
         pair measured 0.98x-1.02x against itself in separate runs), and the base entries are what
-        serving runs today. Sets `up`/`down` (written) from `best_up`/`best_down` (the search's choice)."""
+        serving runs today. Likewise a TMA pair must beat the best plain pair of the same whole-MoE
+        timing (`plain_up`/`plain_down`) by --min-gain, else that plain pair stands in for it. Sets
+        `up`/`down` (written) from `best_up`/`best_down` (the search's choice)."""
         b = self.state.bucket(M)
         if not b.get("up"):
             return
         sel = (b.setdefault("best_up", b["up"]), b.setdefault("best_down", b["down"]))
         bu, bd = cfg_key(self.state.base_entry("up", M)), cfg_key(self.state.base_entry("down", M))
         pl = {(u, d): t for u, d, t in b.get("pipeline") or []}
+        plain = (b.get("plain_up"), b.get("plain_down"))
+        b["tma_below_min_gain"] = bool(key_uses_tma(sel[1]) and sel in pl and plain in pl
+                                       and pl[sel] * (1 + self.min_gain) > pl[plain])
+        if b["tma_below_min_gain"]:
+            sel = plain
         ut, dt = self.state.times("up", M), self.state.times("down", M)
         tb = ts = None
         if (bu, bd) in pl and sel in pl:
@@ -620,6 +861,8 @@ class Tuner:
         for proj in PROJS:  # the base table's entries are served today: not checked by the tuner
             c = self.state.check(proj, M, b[proj])
             b[f"{proj}_rel_err"] = c["rel_err"] if c else None
+        c = self.state.pair_check(M, b["up"], b["down"])
+        b["moe_rel_err"] = c["rel_err"] if c else None
         if pl:
             b["pipeline_us"] = pl.get((b["up"], b["down"]))
 
@@ -643,8 +886,7 @@ class Tuner:
         self.session["order"] = order
         stopped = None
         for M in order:
-            b = self.state.bucket(M)
-            if b.get("status") == "done" and not (self.wants_pipeline(M) and not b.get("pipeline")):
+            if not self.pending(M):
                 continue
             if self.left() <= self.reserve_s:
                 stopped = f"budget spent before M={M}"
@@ -654,14 +896,15 @@ class Tuner:
             self.session["buckets"].append({"M": M, "s": round(self.clock() - t, 1),
                                             "status": self.state.bucket(M)["status"]})
             self.write_tables()
-            if self.state.bucket(M)["status"] != "done":
+            if self.pending(M) and self.left() <= self.reserve_s:
                 stopped = f"budget spent during M={M}"
                 break
         self.session["stopped"] = stopped
         self.session["seconds"] = round(self.clock() - self.t0, 1)
         self.state.save()
         self.write_tables()
-        return {"stopped": stopped, "left": [m for m in order if self.state.bucket(m).get("status") != "done"]}
+        left = [m for m in order if self.pending(m) or self.state.bucket(m).get("status") != "done"]
+        return {"stopped": stopped, "left": left}
 
 
 def summary_rows(state: State) -> list[list[str]]:
@@ -675,15 +918,19 @@ def summary_rows(state: State) -> list[list[str]]:
         base = num(b.get("base_up_us")) + num(b.get("base_down_us"))
         new = b["up_us"] + b["down_us"]
         pb, pn = num(b.get("pipeline_base_us")), num(b.get("pipeline_us"))
-        rows.append([str(m), b["status"] + (" (base kept)" if b.get("kept_base") else ""), b["up"], b["down"], f"{base:.1f}", f"{new:.1f}",
+        tma = (b.get("tma") or {}).get("status")
+        status = (b["status"] + (" (base kept)" if b.get("kept_base") else "")
+                  + (" (TMA gain < min-gain)" if b.get("tma_below_min_gain") else "")
+                  + (f", tma stage {tma}" if tma and tma != "done" else ""))
+        rows.append([str(m), status, b["up"], b["down"], f"{base:.1f}", f"{new:.1f}",
                      f"{base / new:.2f}x" if new else "-", f"{pb:.1f}" if pb == pb else "-",
                      f"{pn:.1f}" if pn == pn else "-", f"{pb / pn:.2f}x" if pb == pb and pn == pn else "-",
-                     f"{max(b.get('up_rel_err') or 0, b.get('down_rel_err') or 0):.1e}"])
+                     f"{max(b.get('up_rel_err') or 0, b.get('down_rel_err') or 0, b.get('moe_rel_err') or 0):.1e}"])
     return rows
 
 
-SUMMARY_COLUMNS = ["M", "status", "up cfg (BM,BN,BK,G,W,S)", "down cfg", "base up+down us", "tuned up+down us",
-                   "speedup", "base MoE us", "tuned MoE us", "MoE speedup", "max rel err"]
+SUMMARY_COLUMNS = ["M", "status", "up cfg (BM,BN,BK,G,W,S)", "down cfg (,tma: TMA path)", "base up+down us",
+                   "tuned up+down us", "speedup", "base MoE us", "tuned MoE us", "MoE speedup", "max rel err"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -698,6 +945,37 @@ ALIGN_MODULES = (
     "sglang.srt.layers.moe.moe_runner.triton_utils.moe_align_block_size",
     "sglang.srt.layers.moe.fused_moe_triton.moe_align_block_size",
 )
+FUSED_MOE_MODULE = "sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe"
+# sglang reads USE_TMA from the down entry where its fused_moe module has one of these (0.5.11:
+# `_down_moe_use_tma`; 0.5.23: `_moe_support_tma`, which also serves the up table's USE_TMA)
+TMA_FLAG_FUNCS = ("_down_moe_use_tma", "_moe_support_tma")
+
+
+def tma_support(kmod, invoke_params, device: str = "cuda") -> tuple[bool, str]:
+    """(whether sglang runs the down kernel on its TMA path here, why not)."""
+    if device != "cuda":
+        return False, "not a CUDA device"
+    import torch
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        return False, "TMA needs compute capability 9.0+ (Hopper)"
+    f = getattr(kmod, "support_tensor_descriptor", None)
+    if f is None or not f():
+        return False, "this triton has no triton.tools.tensor_descriptor.TensorDescriptor"
+    if not {"a_use_tma", "b_use_tma", "c_sorted"} <= set(invoke_params):
+        return False, "this sglang's invoke_fused_moe_kernel has no a_use_tma/b_use_tma/c_sorted"
+    try:
+        import importlib
+
+        fm = importlib.import_module(FUSED_MOE_MODULE)
+    except ImportError as e:
+        return False, f"cannot import {FUSED_MOE_MODULE}: {e}"
+    flag = next((getattr(fm, n) for n in TMA_FLAG_FUNCS if hasattr(fm, n)), None)
+    if flag is None:
+        return False, "this sglang's fused_experts does not read USE_TMA"
+    if not flag():
+        return False, f"sglang's {FUSED_MOE_MODULE} reports no TMA support"
+    return True, ""
 
 
 def _import_first(names, attr):
@@ -732,6 +1010,11 @@ def align_torch(topk_ids, block_m: int, E: int):
 class KernelBackend:
     """Times and checks one projection's kernel at one M with one config, through sglang's
     `invoke_fused_moe_kernel` (so every argument, constexpr and specialisation is sglang's).
+
+    A down config with USE_TMA runs as `_fused_moe_kernel_sequence` runs it then: A is the intermediate
+    in `moe_align_block_size`'s sorted, block-padded order (`total_tokens` rows, as the up kernel stores
+    it with c_sorted=True), read through TensorDescriptors (a_use_tma, b_use_tma), same sorted ids and
+    expert ids as the plain kernel.
 
     device "cuda": CUDA-graph timing (the benchmark suite's `time_variants`), thread-pool precompile.
     device "cpu": for tests under TRITON_INTERPRET=1 (fp16, tiny shapes): `check` only.
@@ -781,6 +1064,7 @@ class KernelBackend:
             except ImportError:
                 self.align = None
         self.compile_serial_s: float | None = None
+        self.supports_tma, self.tma_why_not = tma_support(self.kmod, self.invoke_params, device)
 
     # --- inputs
     def routing(self, M):
@@ -808,6 +1092,7 @@ class KernelBackend:
         self.c_up = torch.empty(M * self.p.topk, 2 * self.p.N, device=self.device, dtype=self.act_dtype)
         self.c_down = torch.empty(M, self.p.topk, self.p.K, device=self.device, dtype=self.act_dtype)
         self._aligned = {}
+        self._sorted = {}
         if self.device == "cuda":
             torch.cuda.synchronize()
 
@@ -816,29 +1101,69 @@ class KernelBackend:
             self._aligned[bm] = [self.aligned(ids, bm) for _, ids in self.routes]
         return self._aligned[bm]
 
-    def launch(self, proj, cfg, A, C, topk_w, topk_ids, al):
+    def total_tokens(self, M, bm):
+        return total_tokens(M, self.p.topk, self.p.E, bm)
+
+    def _sorted_buffers(self, bm):
+        """TMA path, per BLOCK_SIZE_M: the down kernel's sorted, padded input (total_tokens x N) and the
+        up kernel's sorted output (total_tokens x 2N), as `_fused_moe_kernel_sequence` allocates them."""
+        if bm not in self._sorted:
+            torch = self.torch
+            rows = self.total_tokens(self.M, bm)
+            self._sorted[bm] = (
+                torch.randn(rows, self.p.N, device=self.device, generator=self.gen).to(self.act_dtype),
+                torch.empty(rows, 2 * self.p.N, device=self.device, dtype=self.act_dtype))
+        return self._sorted[bm]
+
+    def launch(self, proj, cfg, A, C, topk_w, topk_ids, al, c_sorted=False):
+        """One kernel launch as `_fused_moe_kernel_sequence` makes it (same arguments, so the same compiled
+        kernel). proj "down" with USE_TMA: A must be the sorted intermediate (a_use_tma, b_use_tma);
+        c_sorted: the up kernel's store on the TMA path."""
         import triton.language as tl
 
         sorted_ids, expert_ids, ntpp = al
         up = proj == "up"
+        tma = not up and uses_tma(cfg)
+        if up and uses_tma(cfg):
+            raise ValueError("USE_TMA is a down-table option (sglang 0.5.11/0.5.12 have no up TMA path)")
         kw = dict(A=A, B=self.w13 if up else self.w2, bias=None, C=C, A_scale=None,
                   B_scale=(self.s13 if up else self.s2) if self.fp8 else None, B_zp=None, topk_weights=topk_w,
                   topk_ids=topk_ids, sorted_token_ids=sorted_ids, expert_ids=expert_ids,
                   num_tokens_post_padded=ntpp, mul_routed_weight=not up, top_k=self.p.topk if up else 1,
-                  config=dict(cfg), compute_type=tl.bfloat16 if self.act_dtype == self.torch.bfloat16 else tl.float16,
+                  config=kernel_config(cfg),
+                  compute_type=tl.bfloat16 if self.act_dtype == self.torch.bfloat16 else tl.float16,
                   use_fp8_w8a8=self.fp8, use_int8_w8a8=False, use_int8_w8a16=False, use_int4_w4a16=False,
                   per_channel_quant=False, block_shape=None, filter_expert=False,
                   router_topk=1 if up else self.p.topk)  # as fused_experts passes them (same compiled kernel)
+        if tma:
+            kw.update(a_use_tma=True, b_use_tma=True)
+        if up and c_sorted:
+            kw.update(c_sorted=True)
+        for k in ("a_use_tma", "c_sorted"):
+            if k in kw and k not in self.invoke_params:
+                raise ValueError(f"this sglang's invoke_fused_moe_kernel has no {k}")
         self.invoke(**{k: v for k, v in kw.items() if k in self.invoke_params})
 
     def step_fn(self, proj, cfg):
-        al = self._aligned_for(cfg["BLOCK_SIZE_M"])
-        A, C = (self.x, self.c_up) if proj == "up" else (self.inter, self.c_down)
+        """Launch i of a captured graph. proj "up_sorted": the up kernel with the TMA path's sorted store
+        (compiled for the whole-MoE timing of pairs with a TMA down; not a tuned projection)."""
+        bm = cfg["BLOCK_SIZE_M"]
+        al = self._aligned_for(bm)
+        c_sorted = proj == "up_sorted"
+        if proj == "up":
+            A, C = self.x, self.c_up
+        elif c_sorted:
+            A, C = self.x, self._sorted_buffers(bm)[1]
+        elif uses_tma(cfg):
+            A, C = self._sorted_buffers(bm)[0], self.c_down
+        else:
+            A, C = self.inter, self.c_down
+        kproj = "up" if c_sorted else proj
         routes = self.routes
 
         def step(i):
             w, ids = routes[i % len(routes)]
-            self.launch(proj, cfg, A, C, w, ids, al[i % len(al)])
+            self.launch(kproj, cfg, A, C, w, ids, al[i % len(al)], c_sorted=c_sorted)
 
         return step
 
@@ -916,45 +1241,92 @@ class KernelBackend:
         return t["c"].median_us
 
     # --- whole MoE
-    def time_pipeline(self, M: int, pairs: list[tuple[dict, dict]]) -> list[float]:
-        """us per sglang `fused_experts` call with each (up, down) pair served as sglang's table for M;
-        variants interleaved over rounds (the benchmark suite's `time_variants`)."""
+    @contextlib.contextmanager
+    def serving(self, M: int, up: dict, down: dict):
+        """Inside: sglang's config lookup serves {M: up} / {M: down} (a fresh dict per call: sglang pops
+        USE_TMA from the down entry it gets)."""
         import importlib
 
-        from ..bench import common
-        from ..bench import fused_moe as bfm
         from ..patches.moe_configs import MODULE
 
         cfg_mod = importlib.import_module(MODULE)
+        old = cfg_mod.__dict__["get_moe_configs"]
+        cfg_mod.get_moe_configs = (lambda E, N, dtype, block_n=0, block_k=0, per_channel_quant=False,
+                                   down_moe=False: {M: dict(down if down_moe else up)})
+        try:
+            yield
+        finally:
+            cfg_mod.get_moe_configs = old
+
+    def _fused_experts(self):
+        from ..bench import fused_moe as bfm
+
         fused_experts = bfm.fused_experts_fn()
         rcfg = bfm.runner_config(E=self.p.E, N=self.p.N, K=self.p.K, topk=self.p.topk)
         kw = dict(use_fp8_w8a8=True, w1_scale=self.s13, w2_scale=self.s2) if self.fp8 else {}
+        return lambda x, w, ids: fused_experts(x, self.w13, self.w2, bfm.topk_output(w, ids), rcfg, **kw)
+
+    def time_pipeline(self, M: int, pairs: list[tuple[dict, dict]]) -> list[float]:
+        """us per sglang `fused_experts` call with each (up, down) pair served as sglang's table for M;
+        variants interleaved over rounds (the benchmark suite's `time_variants`). A pair with a TMA down
+        runs sglang's TMA path end to end (sorted up store, activation over total_tokens rows, TMA down)."""
+        from ..bench import common
+
+        moe = self._fused_experts()
         routes, x = self.routes, self.x
 
         def step(i):
             w, ids = routes[i % len(routes)]
-            fused_experts(x, self.w13, self.w2, bfm.topk_output(w, ids), rcfg, **kw)
-
-        @contextlib.contextmanager
-        def use(up, down):
-            old = cfg_mod.__dict__["get_moe_configs"]
-            cfg_mod.get_moe_configs = (lambda E, N, dtype, block_n=0, block_k=0, per_channel_quant=False,
-                                       down_moe=False: {M: dict(down if down_moe else up)})
-            try:
-                yield
-            finally:
-                cfg_mod.get_moe_configs = old
+            moe(x, w, ids)
 
         for proj, i in (("up", 0), ("down", 1)):  # the kernels fused_experts launches, compiled on the pool
             self.precompile(proj, M, [p[i] for p in pairs])
-        with use(*pairs[0]):
+        self.precompile("up_sorted", M, [u for u, d in pairs if uses_tma(d)])
+        with self.serving(M, *pairs[0]):
             est = common.estimate_us(step)
         calls = common.calls_for(est, self.max_calls, target_graph_us=2000.0)
-        variants = {str(i): (step, (lambda u=u, d=d: use(u, d))) for i, (u, d) in enumerate(pairs)}
+        variants = {str(i): (step, (lambda u=u, d=d: self.serving(M, u, d))) for i, (u, d) in enumerate(pairs)}
         t = common.time_variants(variants, calls=calls, rounds=2, budget_s=self.pipeline_budget_s)
         if self.device == "cuda":
             self.torch.cuda.empty_cache()
         return [t[str(i)].median_us for i in range(len(pairs))]
+
+    def moe_reference(self, x, topk_w, topk_ids):
+        """float32 MoE as Gemma4 runs it: gelu(x W_gate^T) * (x W_up^T) -> W_down^T, weighted sum."""
+        torch = self.torch
+        N = self.p.N
+        out = torch.zeros(x.shape[0], self.p.K, dtype=torch.float32, device=x.device)
+        xf = x.float()
+        for e in torch.unique(topk_ids).tolist():
+            tok, slot = (topk_ids == e).nonzero(as_tuple=True)
+            w13 = self.w13[e].float() * (self.s13[e] if self.s13 is not None else 1.0)
+            w2 = self.w2[e].float() * (self.s2[e] if self.s2 is not None else 1.0)
+            h = xf[tok] @ w13.t()
+            a = torch.nn.functional.gelu(h[:, :N]) * h[:, N:]
+            out.index_add_(0, tok, (a @ w2.t()) * topk_w[tok, slot, None].float())
+        return out
+
+    def check_pair(self, M: int, up: dict, down: dict) -> float:
+        """Relative Frobenius error of sglang's whole `fused_experts` with the pair as its table vs the
+        float32 MoE, on fresh random inputs; inf if an output is not finite. The allocator's free memory
+        is filled with NaN first (best effort), so rows the kernels leave unwritten show."""
+        torch = self.torch
+        w, ids = self.routing(M)
+        x = torch.randn(M, self.p.K, device=self.device, generator=self.gen).to(self.act_dtype)
+        moe = self._fused_experts()
+        if self.device == "cuda":
+            rows = self.total_tokens(M, up["BLOCK_SIZE_M"])
+            n = rows * 3 * self.p.N + 2 * M * self.p.topk * self.p.K
+            torch.full((n,), float("nan"), device=self.device, dtype=self.act_dtype)  # freed at once
+        with self.serving(M, up, down):
+            out = moe(x, w, ids)
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+        out = out.float()
+        if not bool(torch.isfinite(out).all()):
+            return math.inf
+        ref = self.moe_reference(x, w, ids)
+        return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
 
     # --- check
     def reference(self, proj, A, topk_w, topk_ids):
@@ -981,8 +1353,24 @@ class KernelBackend:
             return out
         return (out * topk_w.flatten()[:, None]).view(-1, self.p.topk, B.shape[1])
 
+    def sort_rows(self, A, al, M, bm):
+        """A (M*topk rows, slot order) in the TMA path's layout: row p of the result is A[sorted_ids[p]]
+        for the valid slots, NaN on the padding rows (sglang leaves them unwritten or computes them from
+        unwritten rows: the down kernel must never let them through). fp8_w8a8 (per-tensor): sglang
+        quantises the whole padded buffer with one dynamic scale, so garbage there reaches every row;
+        the NaN rows make such configs fail the check, on purpose."""
+        torch = self.torch
+        sorted_ids, _, ntpp = al
+        n = int(ntpp.reshape(-1)[0].item())
+        out = torch.full((self.total_tokens(M, bm), A.shape[1]), float("nan"), device=A.device, dtype=A.dtype)
+        sid = sorted_ids[:n].long()
+        pos = torch.nonzero(sid < A.shape[0]).flatten()
+        out[pos] = A[sid[pos]]
+        return out
+
     def check(self, proj: str, M: int, cfg: dict) -> float:
-        """Relative Frobenius error vs float32 on fresh random inputs; inf if an output is not written."""
+        """Relative Frobenius error vs float32 on fresh random inputs; inf if an output is not written.
+        A TMA down config reads the sorted, padded layout built from the same random intermediate."""
         torch = self.torch
         w, ids = self.routing(M)
         al = self.aligned(ids, cfg["BLOCK_SIZE_M"])
@@ -992,7 +1380,8 @@ class KernelBackend:
         else:
             A = torch.randn(M * self.p.topk, self.p.N, device=self.device, generator=self.gen).to(self.act_dtype)
             C = torch.full((M, self.p.topk, self.p.K), float("nan"), device=self.device, dtype=self.act_dtype)
-        self.launch(proj, cfg, A, C, w, ids, al)
+        A_in = self.sort_rows(A, al, M, cfg["BLOCK_SIZE_M"]) if proj == "down" and uses_tma(cfg) else A
+        self.launch(proj, cfg, A_in, C, w, ids, al)
         if self.device == "cuda":
             torch.cuda.synchronize()
         out = C.float()
@@ -1084,6 +1473,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--refinalize", action="store_true",
                    help="no GPU: re-apply --min-gain/--min-gain-kernel to the state's measurements and rewrite "
                         "the tables (needs --state or --device-name)")
+    p.add_argument("--no-tma", action="store_true",
+                   help="leave the down kernel's TMA path (USE_TMA in the down table) out of the search")
+    p.add_argument("--down-tma-only", action="store_true",
+                   help="a pass over an existing state: only the TMA stage (TMA down configs, then the whole-MoE "
+                        "re-ranking with TMA pairs and the bucket's earlier choice) in the buckets already tuned, "
+                        "most valuable M first, within --budget; nothing else is measured")
+    p.add_argument("--tma-top", type=int, default=6,
+                   help="TMA stage: TMA twins of this many fastest plain down configs per BLOCK_SIZE_M "
+                        "(default: %(default)s)")
     p.add_argument("--dry-run", action="store_true", help="print the plan (order, candidates per M) and exit")
 
 
@@ -1091,12 +1489,14 @@ def default_state_path(problem: Problem) -> Path:
     return Path("benchmarks") / "tuning" / f"{problem.slug()}.state.json"
 
 
-def _plan(problem: Problem, ms, max_block_m) -> list[list[str]]:
+def _plan(problem: Problem, ms, max_block_m, tma: bool = True) -> list[list[str]]:
     rows = []
+    tma = tma and tma_possible(problem.N, problem.elt_bytes)
     for m in order_buckets(ms):
         c = coarse_space(m, problem.topk, problem.E, problem.elt_bytes, max_block_m)
+        t = coarse_space(m, problem.topk, problem.E, problem.elt_bytes, max_block_m, tma=True) if tma else []
         rows.append([str(m), "/".join(map(str, block_m_range(m, problem.topk, problem.E, max_block_m))),
-                     str(len(c))])
+                     str(len(c)), str(len(t)) if tma else "-"])
     return rows
 
 
@@ -1120,8 +1520,9 @@ def run(args) -> int:
     problem = Problem(args.E, args.N, args.K, args.topk, dtype, device_name)
     if args.dry_run:
         print(f"{problem.file_name()} / {problem.file_name(True)}: tuning order and coarse candidates")
-        common.print_table("plan", ["M (in tuning order)", "BLOCK_SIZE_M", "coarse configs"],
-                           _plan(problem, args.ms, args.max_block_m))
+        common.print_table("plan", ["M (in tuning order)", "BLOCK_SIZE_M", "coarse configs (each kernel)",
+                                    "TMA stage coarse (down)"],
+                           _plan(problem, args.ms, args.max_block_m, not args.no_tma))
         return 0
     import triton
 
@@ -1140,6 +1541,12 @@ def run(args) -> int:
         for p in tuner.write_tables():
             print(f"wrote {p}")
         return 0
+    if args.down_tma_only and args.no_tma:
+        print("error: --down-tma-only and --no-tma contradict each other", file=sys.stderr)
+        return 2
+    if args.down_tma_only and not state_path.exists():
+        print(f"error: --down-tma-only needs a tuned state ({state_path} does not exist)", file=sys.stderr)
+        return 2
     if state_path.exists():
         state = State.load(state_path)
         if state.problem != problem:
@@ -1168,8 +1575,16 @@ def run(args) -> int:
                   clock=lambda: time.monotonic() - t0, out_dir=out_dir, max_block_m=args.max_block_m,
                   refine_rounds=args.refine_rounds, progress=common.progress,
                   pipeline_from=args.pipeline_from, pipeline_pairs=args.pipeline_pairs,
-                  min_gain=args.min_gain, min_gain_kernel=args.min_gain_kernel)
+                  min_gain=args.min_gain, min_gain_kernel=args.min_gain_kernel, tma=not args.no_tma,
+                  tma_only=args.down_tma_only, tma_top=args.tma_top)
     tuner.t0 = 0.0  # the budget counts from the start of `run`, weights included
+    if not args.no_tma and not tuner.tma:
+        why = backend.tma_why_not or f"N={problem.N} rows are not 16-byte aligned"
+        if args.down_tma_only:
+            state.data["sessions"].pop()
+            print(f"error: --down-tma-only: no TMA path here ({why})", file=sys.stderr)
+            return 2
+        print(f"note: the down kernel's TMA path is left out ({why})")
     tuner.session.update(versions=v, device=device_name, command=" ".join(sys.argv), rel_tol=backend.rel_tol,
                          compile_workers=backend.workers)
     res = tuner.run(args.ms)
@@ -1186,4 +1601,8 @@ def run(args) -> int:
         print(f"wrote {p}")
     print(f"state: {state_path}; stopped: {res['stopped'] or 'no (all buckets done)'}; "
           f"not done: {res['left'] or 'none'}")
+    if args.down_tma_only:
+        skipped = [m for m in order_buckets(args.ms) if state.bucket(m).get("status") != "done"]
+        if skipped:
+            print(f"--down-tma-only: not searched yet, so skipped: {skipped} (a run without it tunes them)")
     return 0

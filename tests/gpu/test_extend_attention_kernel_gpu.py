@@ -83,6 +83,27 @@ def test_matches_reference_and_stock(pl, el, hq, hkv, hd, w):
 
 
 @pytest.mark.parametrize("hd", [256, 512])
+def test_sglang_backend_index_dtypes(hd):
+    """qo_indptr int64 as sglang's triton backend makes it (kv_indptr int32, kv_indices int64): the patch
+    routes the call to the plugin's kernel and the output equals the int32-indptr run bit for bit."""
+    from sglang_gemma4_opt.kernels import extend_attention as ka
+    from sglang_gemma4_opt.patches import extend_attention_kernel as pk
+
+    w = 1023 if hd == 256 else -1
+    case = ka.random_case([700, 0], [1500, 333], 16, 8 if hd == 256 else 2, hd, device="cuda")
+    a = _run(ka.extend_attention_fwd, case, w).clone()
+    c64 = dict(case, qo_indptr=case["qo_indptr"].to(torch.int64), kv_indices=case["kv_indices"].to(torch.int64))
+    call = dict(c64, custom_mask=None, is_causal=True, mask_indptr=None, max_len_extend=c64["max_len"],
+                k_scale=1.0, v_scale=1.0, sm_scale=None, logit_cap=0.0, skip_prefix_custom_mask=True,
+                sliding_window_size=w, sinks=None, window_kv_offsets=None, xai_temperature_len=-1)
+    call.pop("max_len")
+    assert pk.route(call, {}) is None
+    b = _run(ka.extend_attention_fwd, c64, w)
+    assert torch.equal(a, b)
+    _check(c64, w)
+
+
+@pytest.mark.parametrize("hd", [256, 512])
 def test_every_table_config_is_correct(hd):
     """Each GPU's shipped config (and the sm90 default) computes the same function on this GPU."""
     from sglang_gemma4_opt.kernels import extend_attention as ka
