@@ -4,7 +4,8 @@ SGLANG_GEMMA4_OPT=0            turns the whole plugin off (also: false, off, no)
 SGLANG_GEMMA4_OPT_DISABLE=a,b  turns off single patches by name (see `sglang-gemma4-opt status`);
                                `all` turns every patch off.
 SGLANG_GEMMA4_OPT_TRACE=1      logs, once per kind of call, which kernel a routed call went to and why
-                               (extend attention: the plugin's kernel or sglang's, with the reason).
+                               (extend attention: the plugin's kernel or sglang's, with the reason);
+                               read when the patch is applied, not on every call.
 """
 
 from __future__ import annotations

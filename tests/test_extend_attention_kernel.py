@@ -76,6 +76,32 @@ def test_sglang_backend_index_dtypes_go_to_kernel(hopper, hooked, monkeypatch):
     assert pk.route(dict(base, qo_indptr=base["qo_indptr"].to(torch.int16)), {}) == "indptr dtype"
 
 
+def test_trace_logs_each_kind_of_call_once(hopper, monkeypatch, caplog):
+    """SGLANG_GEMMA4_OPT_TRACE=1: one line per kind of call naming the kernel that ran it (and why not the
+    plugin's); repeated calls add nothing; without the variable, nothing is logged."""
+    import logging
+
+    monkeypatch.setattr(ka, "extend_attention_fwd", lambda **kw: None)
+    monkeypatch.setattr(pk, "_traced", set())
+    original = lambda *a, **k: None  # noqa: E731
+    calls = [_call(), _call(), _call(logit_cap=30.0), _call(logit_cap=30.0)]
+    monkeypatch.delenv("SGLANG_GEMMA4_OPT_TRACE", raising=False)
+    hook = pk.make_hook(pk.BASE_PARAMS, {})
+    with caplog.at_level(logging.INFO, logger="sglang_gemma4_opt"):
+        for c in calls:
+            hook(original, **c)
+    assert not [r for r in caplog.records if "trace" in r.getMessage()]
+    monkeypatch.setenv("SGLANG_GEMMA4_OPT_TRACE", "1")
+    hook = pk.make_hook(pk.BASE_PARAMS, {})
+    with caplog.at_level(logging.INFO, logger="sglang_gemma4_opt"):
+        for c in calls:
+            hook(original, **c)
+    lines = [r.getMessage() for r in caplog.records if "trace" in r.getMessage()]
+    assert len(lines) == 2, lines
+    assert lines[0].endswith("-> plugin kernel")
+    assert lines[1].endswith("-> sglang's kernel (logit cap)")
+
+
 UNSUPPORTED = {
     "custom mask (speculative verify)": dict(custom_mask=torch.ones(8, dtype=torch.uint8),
                                              mask_indptr=torch.zeros(3, dtype=torch.int64)),

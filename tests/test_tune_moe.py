@@ -176,6 +176,9 @@ class FakeBackend:
             self.clock.t += self.cost
         if k in self.fail:
             raise RuntimeError("OutOfResources: shared memory")
+        return self.us(proj, M, cfg)
+
+    def us(self, proj, M, cfg):
         return fake_us(proj, M, cfg)
 
     def check(self, proj, M, cfg):
@@ -473,15 +476,6 @@ class TmaBackend(PipelineBackend):
     def us(self, proj, M, cfg):
         assert not (proj == "up" and tm.uses_tma(cfg)), "USE_TMA on the up kernel"
         return fake_us(proj, M, cfg) * (self.tma_gain if tm.uses_tma(cfg) else 1.0)
-
-    def time(self, proj, M, cfg):
-        k = tm.cfg_key(cfg)
-        self.timed.append((proj, M, k))
-        if self.clock:
-            self.clock.t += self.cost
-        if k in self.fail:
-            raise RuntimeError("OutOfResources: shared memory")
-        return self.us(proj, M, cfg)
 
     def time_pipeline(self, M, pairs):
         self.pipelines.append((M, [(tm.cfg_key(u), tm.cfg_key(d)) for u, d in pairs]))

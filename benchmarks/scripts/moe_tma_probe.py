@@ -1,6 +1,6 @@
 """Scratch GPU probe: does USE_TMA in the down table (sglang's c_sorted + TMA down path) beat the
 shipped H200 N=704 pair? Whole fused MoE through sglang's fused_experts, CUDA-graph replay."""
-import copy, importlib, json, os, sys
+import contextlib, functools, importlib, json, os
 import torch
 from sglang_gemma4_opt.bench.common import ensure_server_args, time_variants
 from sglang_gemma4_opt.bench import fused_moe as fm
@@ -28,6 +28,18 @@ def lookup(E, N_, dtype, block_n=0, block_k=0, per_channel_quant=False, down_moe
 
 
 cfg_mod.get_moe_configs = lookup
+
+
+@contextlib.contextmanager
+def serving(tables):
+    """sglang's lookup answers with these (up, down) tables inside the block (warm-up and capture)."""
+    state["up"], state["down"] = tables
+    yield
+
+
+def nearest(table, M):
+    return dict(table[min(table, key=lambda k: abs(k - M))])
+
 fe = fm.fused_experts_fn()
 rcfg = fm.runner_config(N=N)
 w = fm.Weights(N=N)
@@ -47,8 +59,7 @@ def ref_moe(x, tw, ids):
 ms = [int(m) for m in os.environ.get("PROBE_MS", "1 64 256 1024 2048 4096 8192 16384").split()]
 rows = []
 for M in ms:
-    key_up = min(up, key=lambda k: abs(k - M))
-    u = dict(up[key_up]); d0 = dict(down[min(down, key=lambda k: abs(k - M))])
+    u, d0 = nearest(up, M), nearest(down, M)
     bm = u["BLOCK_SIZE_M"]
     cands = {"shipped": d0, "shipped+tma": dict(d0, USE_TMA=True)}
     for bn, bk, nw, ns in ((64, 128, 4, 4), (128, 64, 4, 3), (128, 128, 8, 3), (256, 64, 8, 3), (128, 64, 8, 4)):
@@ -65,15 +76,9 @@ for M in ms:
     calls = 20 if M <= 256 else (4 if M <= 4096 else 2)
     routes = [fm.random_routing(M) for _ in range(calls)]
     variants = {}
+    run = lambda i: fe(x, w.w13, w.w2, fm.topk_output(*routes[i % calls]), rcfg)  # noqa: E731
     for name, dc in cands.items():
-        tables = ({M: u}, {M: dc})
-        def ctx(tables=tables):
-            import contextlib
-            @contextlib.contextmanager
-            def c():
-                state["up"], state["down"] = tables
-                yield
-            return c()
+        ctx = functools.partial(serving, ({M: u}, {M: dc}))
         try:
             with ctx():
                 y = fe(x, w.w13, w.w2, fm.topk_output(tw, ids), rcfg)
@@ -83,18 +88,9 @@ for M in ms:
         except Exception as e:  # noqa
             row[name + "_error"] = repr(e)[:200]
             continue
-        variants[name] = ((lambda i: fe(x, w.w13, w.w2, fm.topk_output(*routes[i % calls]), rcfg)), ctx)
+        variants[name] = (run, ctx)
     if pr is not None:
-        pu = dict(pr[0][min(pr[0], key=lambda k: abs(k - M))]); pd = dict(pr[1][min(pr[1], key=lambda k: abs(k - M))])
-        tables = ({M: pu}, {M: pd})
-        def ctxp(tables=tables):
-            import contextlib
-            @contextlib.contextmanager
-            def c():
-                state["up"], state["down"] = tables
-                yield
-            return c()
-        variants["pr"] = ((lambda i: fe(x, w.w13, w.w2, fm.topk_output(*routes[i % calls]), rcfg)), ctxp)
+        variants["pr"] = (run, functools.partial(serving, ({M: nearest(pr[0], M)}, {M: nearest(pr[1], M)})))
     t = time_variants(variants, calls=calls, rounds=3, budget_s=0.25)
     for n, tm in t.items():
         row[n + "_us"] = round(tm.median_us, 2)

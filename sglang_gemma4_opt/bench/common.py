@@ -416,11 +416,16 @@ def write_results(out_dir: Path | str, suite: str, gpu: str, records: list[dict]
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{suite}-{slug(gpu)}.json"
-    doc = {"header": dict(header, suite=suite, gpu=gpu), "records": records}
+    write_json_atomic(path, {"header": dict(header, suite=suite, gpu=gpu), "records": records})
+    return path
+
+
+def write_json_atomic(path: Path, doc) -> None:
+    """Write a results document through a temp file, so a reader never sees half of it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(doc, indent=1, default=_json_default) + "\n")
     os.replace(tmp, path)
-    return path
 
 
 def _json_default(o):

@@ -557,11 +557,8 @@ def write_merged(path: Path, records: list[dict], header: dict) -> list[dict]:
     live = {r.get("timestamp") for r in kept + records}
     header = dict(header, runs=sorted((v for k, v in runs.items() if k in live), key=lambda v: str(v["timestamp"])))
     all_recs = kept + records
-    doc = {"header": dict(header, suite=SUITE, gpu=(records or all_recs)[0]["gpu"]), "records": all_recs}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, default=common._json_default) + "\n")
-    os.replace(tmp, path)
+    common.write_json_atomic(path, {"header": dict(header, suite=SUITE, gpu=(records or all_recs)[0]["gpu"]),
+                                    "records": all_recs})
     return all_recs
 
 

@@ -99,6 +99,8 @@ def make_hook(params: tuple[str, ...], extra_defaults: dict):
     """AROUND hook for sglang's extend_attention_fwd whose parameters are `params` (in order)."""
     from ..kernels import extend_attention as ka
 
+    trace = trace_enabled()  # read once per process: the hook runs on every attention call
+
     def extend_attention_hook(original, *args, **kwargs):
         global _fallback_logged
         call = dict(zip(params, args))
@@ -108,14 +110,14 @@ def make_hook(params: tuple[str, ...], extra_defaults: dict):
             why = "deterministic inference" if sglang_deterministic() else route(call, extra_defaults)
         except Exception as e:  # never let routing take the call down
             why = f"routing failed: {e}"
-        if trace_enabled():
+        if trace:
             _trace(call, why)
         if why is None:
             try:
                 ka.extend_attention_fwd(**{k: call[k] for k in BASE_PARAMS if k in call})
                 return None
             except Exception as e:  # e.g. a compile failure: sglang's kernel still answers
-                if trace_enabled():
+                if trace:
                     _trace(call, f"plugin kernel raised {type(e).__name__}: {e}")
                 if not _fallback_logged:
                     _fallback_logged = True

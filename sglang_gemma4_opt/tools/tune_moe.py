@@ -751,33 +751,33 @@ class Tuner:
             return False
         return M >= self.pipeline_from or any(key_uses_tma(k) for k in self.state.times("down", M))
 
-    def _check(self, proj: str, M: int, key: str) -> bool:
-        if self.state.check(proj, M, key) is None:
+    def _checked(self, get, put, run, what: str, label: str) -> bool:
+        """A check's verdict from the state, running it once when absent: `run()` gives the relative error
+        against the float32 reference; `put(ok, rel_err, why)` stores it; `get()` reads it back."""
+        if get() is None:
             try:
-                rel = float(self.backend.check(proj, M, parse_key(key)))
+                rel = float(run())
                 ok = math.isfinite(rel) and rel <= self.backend.rel_tol
-                why = "" if ok else f"relative error {rel:.3g} > {self.backend.rel_tol:g}"
+                why = "" if ok else f"{what}relative error {rel:.3g} > {self.backend.rel_tol:g}"
             except Exception as e:
                 rel, ok, why = None, False, f"{type(e).__name__}: {str(e)[:160]}"
-            self.state.set_check(proj, M, key, ok, rel if rel is None or math.isfinite(rel) else None, why)
+            put(ok, rel if rel is None or math.isfinite(rel) else None, why)
             if not ok:
-                self.log(f"M={M} {proj} {key}: rejected ({why})")
-        return self.state.check(proj, M, key)["ok"]
+                self.log(f"{label}: rejected ({why})")
+        return get()["ok"]
+
+    def _check(self, proj: str, M: int, key: str) -> bool:
+        return self._checked(lambda: self.state.check(proj, M, key),
+                             lambda ok, rel, why: self.state.set_check(proj, M, key, ok, rel, why),
+                             lambda: self.backend.check(proj, M, parse_key(key)), "", f"M={M} {proj} {key}")
 
     def _check_pair(self, M: int, up: str, down: str) -> bool:
         """Pairs with a TMA down: sglang's whole fused_experts with the pair as its table vs a float32
         MoE (the final output: the sorted intermediate layout is sglang's business)."""
-        if self.state.pair_check(M, up, down) is None:
-            try:
-                rel = float(self.backend.check_pair(M, parse_key(up), parse_key(down)))
-                ok = math.isfinite(rel) and rel <= self.backend.rel_tol
-                why = "" if ok else f"whole-MoE relative error {rel:.3g} > {self.backend.rel_tol:g}"
-            except Exception as e:
-                rel, ok, why = None, False, f"{type(e).__name__}: {str(e)[:160]}"
-            self.state.set_pair_check(M, up, down, ok, rel if rel is None or math.isfinite(rel) else None, why)
-            if not ok:
-                self.log(f"M={M} pair {up} | {down}: rejected ({why})")
-        return self.state.pair_check(M, up, down)["ok"]
+        return self._checked(lambda: self.state.pair_check(M, up, down),
+                             lambda ok, rel, why: self.state.set_pair_check(M, up, down, ok, rel, why),
+                             lambda: self.backend.check_pair(M, parse_key(up), parse_key(down)), "whole-MoE ",
+                             f"M={M} pair {up} | {down}")
 
     def _pair_ok(self, M: int, up: str, down: str) -> bool:
         return (self._check("up", M, up) and self._check("down", M, down)

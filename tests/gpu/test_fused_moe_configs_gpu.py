@@ -16,6 +16,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang")
 
+from _moe_reference import moe_reference  # noqa: E402  (tests/gpu/_moe_reference.py)
+
 pytestmark = pytest.mark.gpu
 
 K_HIDDEN = 2816
@@ -47,21 +49,6 @@ SHIPPED = _shipped()
 
 def test_some_table_is_shipped():
     assert SHIPPED, f"no fused-MoE tables under {CONFIG_ROOT}"
-
-
-def _reference(x, w13, w2, topk_w, topk_ids):
-    """float32 MoE: gelu(x W_gate^T) * (x W_up^T) -> W_down^T, weighted sum over the top-k experts."""
-    M, K = x.shape
-    N = w2.shape[2]
-    out = torch.zeros(M, K, dtype=torch.float32, device=x.device)
-    xf = x.float()
-    for e in torch.unique(topk_ids).tolist():
-        tok, slot = (topk_ids == e).nonzero(as_tuple=True)
-        h = xf[tok] @ w13[e].float().t()
-        a = torch.nn.functional.gelu(h[:, :N]) * h[:, N:]
-        y = a @ w2[e].float().t()
-        out.index_add_(0, tok, y * topk_w[tok, slot, None].float())
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +107,7 @@ def test_shipped_config_is_picked_and_correct(sbs, weights, vdir, device, E, N, 
     with sbs.use("moe_configs", "plugin"):
         out = fused_experts(x, w13, w2, bm.topk_output(w, ids), rcfg)
     torch.cuda.synchronize()
-    ref = _reference(x, w13, w2, w, ids)
+    ref = moe_reference(x, w13, w2, w, ids)
     assert torch.isfinite(out).all()
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert rel <= REL_TOL, f"relative error {rel:.2e} with {cfg}"

@@ -17,6 +17,8 @@ import pytest
 torch = pytest.importorskip("torch")
 pytest.importorskip("sglang")
 
+from _moe_reference import moe_reference  # noqa: E402  (tests/gpu/_moe_reference.py)
+
 pytestmark = pytest.mark.gpu
 
 K_HIDDEN = 2816
@@ -39,20 +41,6 @@ def _tma_or_skip():
     if not ok:
         pytest.skip(why)
     return tm
-
-
-def _reference(x, w13, w2, topk_w, topk_ids):
-    """float32 MoE: gelu(x W_gate^T) * (x W_up^T) -> W_down^T, weighted sum over the top-k experts."""
-    M, K = x.shape
-    N = w2.shape[2]
-    out = torch.zeros(M, K, dtype=torch.float32, device=x.device)
-    xf = x.float()
-    for e in torch.unique(topk_ids).tolist():
-        tok, slot = (topk_ids == e).nonzero(as_tuple=True)
-        h = xf[tok] @ w13[e].float().t()
-        a = torch.nn.functional.gelu(h[:, :N]) * h[:, N:]
-        out.index_add_(0, tok, (a @ w2[e].float().t()) * topk_w[tok, slot, None].float())
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +100,7 @@ def test_fused_experts_with_a_tma_down_entry_matches_fp32(monkeypatch, weights, 
     assert calls == [{"a_use_tma": False, "b_use_tma": False, "c_sorted": True, "USE_TMA_left": False},
                      {"a_use_tma": True, "b_use_tma": True, "c_sorted": False, "USE_TMA_left": False}], calls
     assert torch.isfinite(out).all()
-    ref = _reference(x, w13, w2, tw, ids)
+    ref = moe_reference(x, w13, w2, tw, ids)
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert rel <= REL_TOL, f"relative error {rel:.2e} with up {up}, down {down}"
 
