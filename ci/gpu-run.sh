@@ -55,6 +55,9 @@ if [ -f .gpu-bundle/activate.sh ] && [[ ":${PYTHONPATH:-}:" != *":/tmp/gpu-site:
   source .gpu-bundle/activate.sh
 fi
 export PYTHONUNBUFFERED=1
+# The shared GPU hosts forbid NVLink multicast (it can take the host's GPUs down): off in NCCL, PyTorch
+# and NVSHMEM for every process this starts (bench-e2e --tp 2 spawns one per GPU).
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 
 echo "=== host"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.max.sm,temperature.gpu,power.draw \
@@ -67,7 +70,10 @@ run_tests() {  # PYTEST_K: a -k expression to select tests
   step "gpu tests" "${TESTS_TIMEOUT:-600}" python3 -m pytest -m gpu tests/gpu -q -rs -p no:cacheprovider "${sel[@]}" "$@"
 }
 run_kernels() { step "kernel suite" "${KERNELS_TIMEOUT:-900}" python3 -u -m sglang_gemma4_opt bench --out "$OUT" "$@"; }
-run_e2e() { step "e2e" "${E2E_TIMEOUT:-1500}" python3 -u -m sglang_gemma4_opt bench-e2e --out "$OUT" "$@"; }
+run_e2e() {
+  # shellcheck disable=SC2046
+  step "e2e" "${E2E_TIMEOUT:-1500}" python3 -u -m sglang_gemma4_opt bench-e2e --out "$OUT" $(e2e_mem_args) "$@"
+}
 
 # Whole-model targets: issue 3 (off -> on), issue 4 (on-pr-moe -> on: the plugin's MoE tables vs the PR's),
 # issue 6 (no-attn -> on: the Hopper attention kernel, at 1024 and at an 8k prompt); `pr` (PR #26588's
@@ -79,15 +85,26 @@ run_e2e() { step "e2e" "${E2E_TIMEOUT:-1500}" python3 -u -m sglang_gemma4_opt be
 # are rewritten after every mode, so a run cut short keeps issue 3's, 6's and 4's pairs first. The 1024
 # run gets the budget less a reserve for the 8192 one, which gets the rest. E2E_FULL_MODES overrides the
 # 1024 modes (e.g. "off on no-attn on-pr-moe" to drop pr, ~45 s).
+# A KV pool big enough for bs64 x (1024 + 64) tokens: on an 80 GB card (H100) bench-e2e's default
+# --mem-fraction-static 0.8 leaves 67968 sliding-window slots, fewer than the 69632 that bs64 needs (decode
+# then fails allocating); 0.85 fits. Arguments given to the script come later and win.
+e2e_mem_args() {
+  local total
+  total=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits -i 0 2>/dev/null | head -1)
+  [[ "$total" =~ ^[0-9]+$ ]] && [ "$total" -lt 100000 ] && echo "--mem-fraction-static 0.85"
+  return 0
+}
+
 run_e2e_full() {
-  local budget=${E2E_FULL_BUDGET:-570} reserve=${E2E_8K_RESERVE:-130} logs="$OUT/e2e-logs" limit
+  local budget=${E2E_FULL_BUDGET:-570} reserve=${E2E_8K_RESERVE:-130} logs="$OUT/e2e-logs" limit mem
+  mem=$(e2e_mem_args)
   mkdir -p "$logs"
   pack() { tar -C "$OUT" -czf "$OUT/e2e-full-logs.tgz" e2e-logs; }  # few files come back from $OUT: one archive
   limit=$((budget - SECONDS - reserve))
   [ "$limit" -lt 60 ] && limit=60  # (timeout 0 would mean none)
   # shellcheck disable=SC2086
   step "e2e-full 1024" "$limit" python3 -u -m sglang_gemma4_opt bench-e2e --out "$OUT" --log-dir "$logs" --quiet \
-    --modes ${E2E_FULL_MODES:-off on no-attn on-pr-moe pr} --batch-sizes 1 16 64 --input-len 1024 --timeout 240 "$@"
+    --modes ${E2E_FULL_MODES:-off on no-attn on-pr-moe pr} --batch-sizes 1 16 64 --input-len 1024 --timeout 240 $mem "$@"
   pack
   limit=$((budget - SECONDS))
   if [ "$limit" -ge 60 ]; then

@@ -19,7 +19,7 @@
 #   request is a chat request the dummy tokenizer's template need not serve; set it empty elsewhere),
 #   DECODE_LOG_INTERVAL (1: sglang 0.5.12 adds to the accept-length totals that /server_info reports
 #   only when it logs decode stats, every 40 decode steps by default; short random-weight answers
-#   may never reach 40).
+#   may never reach 40), TP (1: tensor-parallel size of the servers), RUNS (both | plugin | stock).
 # Results in $OUT: verify.log, routing_drift.json/.md, gsm8k_report.json/.md, logs.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -34,6 +34,9 @@ mkdir -p "$OUT"
 rm -rf "$W" && mkdir -p "$W"
 exec > >(tee "$OUT/verify.log") 2>&1
 export PYTHONUNBUFFERED=1
+# The shared GPU hosts forbid NVLink multicast (it can take the host's GPUs down): keep it off in NCCL,
+# PyTorch and NVSHMEM for every process this starts, TP servers included.
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 t0=$SECONDS
 say() { echo "[gpu-verify $(date +%H:%M:%S) +$((SECONDS - t0))s] $*"; }
 has_step() { [[ " $STEPS " == *" $1 "* ]]; }
@@ -86,10 +89,10 @@ fi
 # ------------------------------------------------------------------ 2. GSM8K pipeline, dummy weights
 rc=0
 if has_step gsm8k; then
-  say "gsm8k: dummy models, plugin run then stock run ($NUM_QUESTIONS questions, $MAX_NEW_TOKENS new tokens)"
+  say "gsm8k: dummy models, TP ${TP:-1}, runs: ${RUNS:-both} ($NUM_QUESTIONS questions, $MAX_NEW_TOKENS new tokens)"
   # SIGTERM at the limit: the tool then stops its server, writes its reports and exits 143.
   timeout -s TERM -k 60 "$GSM8K_TIMEOUT" python3 -m sglang_gemma4_opt gsm8k \
-    --write-dummy-models "$W/models" --num-questions "$NUM_QUESTIONS" --parallel "$NUM_QUESTIONS" \
+    --write-dummy-models "$W/models" --tp "${TP:-1}" --runs "${RUNS:-both}" --num-questions "$NUM_QUESTIONS" --parallel "$NUM_QUESTIONS" \
     --max-new-tokens "$MAX_NEW_TOKENS" --context-length 4096 --startup-timeout 300 \
     --extra-server-args="--cuda-graph-max-bs 32 --decode-log-interval ${DECODE_LOG_INTERVAL:-1} ${GRAMMAR_ARGS---grammar-backend none --skip-server-warmup}" --out "$W/gsm8k"
   rc=$?

@@ -346,3 +346,20 @@ def test_newest_record_wins(tmp_path):
     new = dict(old, candidate_us=80.0, timestamp="2026-02-01T00:00:00+00:00")
     rows = {n: v for n, v, _ in report.targets({"e2e": [new, old]})}
     assert rows["issue 6: e2e prefill bs64×1024 ≥10% shorter (no-attn→on)"].startswith("-20.0%")
+
+
+def test_tp2_rows_go_to_their_own_file(fake, capsys):
+    assert fake("--modes", "off", "on", "--batch-sizes", "16", "--passes", "2") == 0
+    f1 = fake.out / "e2e-NVIDIA_H200.json"
+    tp1 = json.loads(f1.read_text())
+    assert fake("--modes", "off", "on", "--batch-sizes", "16", "--passes", "2", "--tp", "2") == 0
+    f2 = fake.out / "e2e-tp2-NVIDIA_H200.json"
+    recs = json.loads(f2.read_text())["records"]
+    assert {r["case"]["tp"] for r in recs} == {2} and len(recs) == 2
+    assert json.loads(f1.read_text()) == tp1  # the TP 1 rows are untouched
+    assert (fake.out / "e2e-tp2-on.log").exists() and "--tp-size 2" in capsys.readouterr().out
+    md = report.generate(fake.out)
+    assert md.count("## Whole model, bench_one_batch") == 2
+    # the issue targets are TP 1 targets: the TP 2 file alone does not satisfy them
+    f1.unlink()
+    assert "| issue 3: e2e prefill bs16×1024 ≥20% shorter (off→on) | not measured" in report.generate(fake.out)

@@ -30,3 +30,42 @@ def test_readme_block_follows_the_records(tmp_path):
     readme.write_text(f"intro\n{report.README_BEGIN}\nold\n{report.README_END}\noutro\n")
     new = report.update_readme(readme, block)
     assert new.startswith("intro\n") and new.endswith("\noutro\n") and "old" not in new
+
+
+def _moe(M, speedup, base, cand, base_down=None, cand_down=None):
+    return {"case": {"M": M, "N": 704}, "speedup": speedup, "baseline_config": base, "candidate_config": cand,
+            "baseline_down_config": base_down, "candidate_down_config": cand_down}
+
+
+def test_same_moe_configs():
+    a, b = {"BLOCK_SIZE_M": 64}, {"BLOCK_SIZE_M": 128}
+    assert report.same_moe_configs(_moe(1, 1, a, dict(a)))
+    assert report.same_moe_configs(_moe(1, 1, a, a, None, dict(a)))  # no down table = the up entry
+    assert not report.same_moe_configs(_moe(1, 1, a, b))
+    assert not report.same_moe_configs(_moe(1, 1, a, a, None, dict(a, USE_TMA=True)))
+    assert not report.same_moe_configs({"case": {"M": 1}, "speedup": 1})
+    rows = report._moe_vs_table([_moe(2048, 1.2, a, b), _moe(4096, 0.97, a, a)], "t", 1.2, "never slower", 1.0)
+    assert rows[0] == ("fused_moe N=704 vs t ≥1.2× for M ≥ 2048", "min 0.970× (M=4096, same configs both sides)", False)
+    rows = report._moe_vs_table([_moe(2048, 0.9, a, b), _moe(4096, 0.97, a, a)], "t", 1.2, "never slower", 1.0)
+    assert rows[1] == ("fused_moe N=704 vs t never slower", "min 0.900× (M=2048)", False)
+
+
+def _e2e(pair, batch, base_ms, cand_ms, tp=1, note=""):
+    return {"baseline_mode": pair[0], "candidate_mode": pair[1], "timestamp": "t",
+            "case": {"batch": batch, "input_len": 1024, "output_len": 64, "phase": "prefill", "tp": tp},
+            "baseline_us": base_ms * 1e3, "candidate_us": cand_ms * 1e3, "baseline_moe_tables": {"note": note}}
+
+
+def test_e2e_targets_tp2_rows_and_a_gpu_without_pr_tables():
+    rows = {n: (v, ok) for n, v, ok in report._e2e_targets([
+        _e2e(("off", "on"), 64, 1000.0, 600.0, tp=2), _e2e(("off", "on"), 16, 300.0, 180.0, tp=2),
+        _e2e(("on-pr-moe", "on"), 64, 950.0, 900.0, note="the PR has no table for NVIDIA H100 80GB HBM3, so ...")])}
+    assert rows["issue 7: e2e prefill bs64×1024 at TP 2 (off→on; no target)"] == ("-40.0% (1000.0 → 600.0 ms)", None)
+    assert rows["issue 7: e2e prefill bs16×1024 at TP 2 (off→on; no target)"][1] is None
+    # TP 2 rows never stand in for the TP 1 targets
+    assert rows["issue 3: e2e prefill bs64×1024 ≥20% shorter (off→on)"] == (report.NOT_MEASURED, None)
+    name = ("issue 4: e2e prefill bs64×1024 ≥15% shorter than the plugin with sglang's own MoE tables "
+            "(PR #26588 has none for this GPU) (on-pr-moe→on)")
+    assert rows[name] == ("-5.3% (950.0 → 900.0 ms)", False)
+    # no TP 2 record: no TP 2 row (it has no target to miss)
+    assert not any("TP 2" in n for n, _, _ in report._e2e_targets([]))

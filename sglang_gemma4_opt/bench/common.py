@@ -411,11 +411,12 @@ def record(suite: str, case: dict, baseline: str, candidate: str, baseline_t: Ti
     return rec
 
 
-def write_results(out_dir: Path | str, suite: str, gpu: str, records: list[dict], header: dict) -> Path:
-    """benchmarks/results/<suite>-<GPU>.json: {"header": ..., "records": [...]}, replaced whole."""
+def write_results(out_dir: Path | str, suite: str, gpu: str, records: list[dict], header: dict,
+                  tag: str = "") -> Path:
+    """benchmarks/results/<suite>[-<tag>]-<GPU>.json: {"header": ..., "records": [...]}, replaced whole."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{suite}-{slug(gpu)}.json"
+    path = out / f"{suite}{'-' + tag if tag else ''}-{slug(gpu)}.json"
     write_json_atomic(path, {"header": dict(header, suite=suite, gpu=gpu), "records": records})
     return path
 

@@ -35,7 +35,8 @@ prefill at every other batch size would include compilation. So the sweep is pas
 (default 3: 1 16 64 1 16 64 1 16 64); the first pass is discarded and the median of the others recorded.
 Decode runs from CUDA graphs captured at start-up; its latency is the median over the output tokens.
 
-Results: `<out>/e2e-<GPU>.json` for input 1024, `<out>/e2e-in<L>-<GPU>.json` for other input lengths,
+Results: `<out>/e2e-<GPU>.json` for input 1024, `<out>/e2e-in<L>-<GPU>.json` for other input lengths
+(`-tp<N>` added for TP > 1),
 rewritten after every mode (a run stopped half-way keeps the pairs it finished). Records already in
 the file whose case and modes this run does not measure are kept, so runs of other mode pairs or
 batch sizes land next to each other; each record carries the timestamp of its run, and the header
@@ -118,7 +119,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="PR #26588's MoE tables, a folder of triton_<ver>/E=...json, for the pr and on-pr-moe modes "
                         f"(default: {PR_MOE_TABLES} in the working directory or the repo)")
     p.add_argument("--model-dir", default=None, help="where to write the dummy model (default: a temp folder)")
-    p.add_argument("--mem-fraction-static", type=float, default=0.8)
+    p.add_argument("--mem-fraction-static", type=float, default=0.8,
+                   help="passed to bench_one_batch (default: %(default)s; on an 80 GB GPU batch 64 x 1024 needs 0.85: "
+                        "at 0.8 the sliding-window KV pool is smaller than the batch and decode fails)")
     p.add_argument("--cuda-graph-max-bs", type=int, default=None,
                    help="default: the largest batch size (bench_one_batch sets this itself anyway)")
     p.add_argument("--cuda-graph-bs", type=int, nargs="+", default=None,
@@ -381,14 +384,15 @@ def per_batch(runs: list[dict], batch_sizes: list[int], passes: int) -> dict[int
     return out
 
 
-def file_tag(input_len: int) -> str:
-    """'' for the default input length, '-in8192' otherwise: names of the results file and the logs."""
-    return "" if input_len == DEFAULT_INPUT_LEN else f"-in{input_len}"
+def file_tag(input_len: int, tp: int = 1) -> str:
+    """Names of the results file and the logs: '' for the default input length at TP 1, '-in8192' for
+    another input length, '-tp2' for another TP size (one GPU's rows and a TP group's stay in separate files)."""
+    return ("" if input_len == DEFAULT_INPUT_LEN else f"-in{input_len}") + ("" if tp == 1 else f"-tp{tp}")
 
 
 def run_mode(args, mode: str, model_dir: Path, log_dir: Path, env_overrides: dict[str, str | None],
              roots: dict[str, Path] | None = None) -> dict:
-    tag = file_tag(args.input_len)
+    tag = file_tag(args.input_len, args.tp)
     result_file = log_dir / f"e2e{tag}-{mode}.jsonl"
     log_file = log_dir / f"e2e{tag}-{mode}.log"
     result_file.unlink(missing_ok=True)  # bench_one_batch appends
@@ -527,8 +531,8 @@ def record_key(r: dict) -> str:
                       sort_keys=True)
 
 
-def results_path(out: Path, gpu: str, input_len: int) -> Path:
-    return out / f"{SUITE}{file_tag(input_len)}-{common.slug(gpu)}.json"
+def results_path(out: Path, gpu: str, input_len: int, tp: int = 1) -> Path:
+    return out / f"{SUITE}{file_tag(input_len, tp)}-{common.slug(gpu)}.json"
 
 
 def write_merged(path: Path, records: list[dict], header: dict) -> list[dict]:
@@ -649,7 +653,7 @@ def run(args) -> int:
                                            env=_env_for_record(x),
                                            moe_tables=moe_tables_note(m, recs[0]["gpu"], pr_dir))
                                    for m, x in results.items()}
-                path = results_path(out, recs[0]["gpu"], args.input_len)
+                path = results_path(out, recs[0]["gpu"], args.input_len, args.tp)
                 write_merged(path, recs, header)
     finally:
         for t in tmps:

@@ -7,7 +7,9 @@ process on this GPU.
     sglang-gemma4-opt bench --quick --out /tmp/res   # a few sizes of each suite
 
 Writes <out>/<suite>-<GPU>.json (header + one record per case), prints a table per suite and saves
-<out>/speedup-<GPU>.png when matplotlib is installed.
+<out>/speedup-<GPU>.png when matplotlib is installed. fused_moe runs of another shape or baseline get
+their own file, so they never replace the default rows: `fused_moe-N352-<GPU>.json` (--moe-n 352),
+`fused_moe-N704-vs-<label>-<GPU>.json` (--moe-baseline, --moe-results-tag names the label part).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from . import common
 
+DEFAULT_MOE_N = 704  # fused_moe.N: Gemma4 26B-A4B's expert width at TP=1 (not imported: that module needs torch)
 SUITE_MODULES = {
     "qkv_norm": "sglang_gemma4_opt.bench.qkv_norm",
     "extend_attention": "sglang_gemma4_opt.bench.extend_attention",
@@ -51,6 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="fused_moe: baseline = the tables in DIR (a folder of sglang-named tables or a configs "
                         "root with triton_x_y_z/) instead of sglang's stock lookup")
     p.add_argument("--moe-baseline-label", default=None, help="fused_moe: name of that baseline in the records")
+    p.add_argument("--moe-results-tag", default=None, metavar="TAG",
+                   help="fused_moe with --moe-baseline: the results file is fused_moe-N<N>-vs-TAG-<GPU>.json "
+                        "(default: the baseline label, or the folder's name)")
 
 
 @dataclasses.dataclass
@@ -98,6 +104,19 @@ def selected_suites(names):
     if "all" in names:
         return list(common.SUITES)
     return [s for s in common.SUITES if s in names]
+
+
+def results_tag(suite: str, args) -> str:
+    """The part of the results file name between the suite and the GPU: '' for the default runs; for fused_moe
+    'N352' at another N and 'N704-vs-pr' against another baseline, so such runs never overwrite the default rows."""
+    if suite != "fused_moe":
+        return ""
+    n = getattr(args, "moe_n", None) or DEFAULT_MOE_N
+    base = getattr(args, "moe_baseline", None)
+    if base:
+        label = getattr(args, "moe_results_tag", None) or getattr(args, "moe_baseline_label", None) or Path(base).name
+        return f"N{n}-vs-{common.slug(label).replace('_', '-')}"
+    return "" if n == DEFAULT_MOE_N else f"N{n}"
 
 
 def plan(args):
@@ -171,7 +190,7 @@ def run(args) -> int:
                 torch.cuda.empty_cache()
         all_records[suite] = recs
         if recs:
-            paths.append(common.write_results(args.out, suite, gpu, recs, header))
+            paths.append(common.write_results(args.out, suite, gpu, recs, header, results_tag(suite, args)))
             common.print_table(f"{suite} on {gpu} (median us per call, CUDA-graph replay)", mod.COLUMNS,
                                [mod.table_row(r) for r in recs])
     ctx.moe_weights = None
