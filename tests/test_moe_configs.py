@@ -57,6 +57,21 @@ def test_h200_finds_the_plugin_table(cfg, down):
     assert set(got) >= {1, 256, 1024}
 
 
+@pytest.mark.parametrize("name", [H200, "NVIDIA H100 80GB HBM3"])
+@pytest.mark.parametrize("N", [704, 352])  # TP=1 and TP=2 (each TP rank looks up its own N)
+def test_every_shipped_gpu_and_tp_shape_is_found_and_logged_with_the_pid(cfg, name, N, caplog):
+    import os
+
+    cfg.device(name)
+    for down in (False, True):
+        f = mc.CONFIG_ROOT / VDIR / f"E=128,N={N},device_name={name.replace(' ', '_')}{'_down' if down else ''}.json"
+        assert f.exists(), f.name
+        with caplog.at_level(logging.INFO, logger="sglang_gemma4_opt"):
+            got = cfg.lookup(128, N, None, 0, 0, per_channel_quant=False, down_moe=down)
+        assert got == {int(k): v for k, v in json.loads(f.read_text()).items()}
+        assert f"Using MoE kernel config from {f} (sglang-gemma4-opt, pid {os.getpid()})." in caplog.text
+
+
 @pytest.mark.parametrize("name", ["NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-80GB", "NVIDIA B200", "AMD Instinct MI300X"])
 def test_other_devices_fall_through_to_sglang(cfg, name):
     cfg.device(name)

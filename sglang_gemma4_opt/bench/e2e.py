@@ -92,7 +92,7 @@ MODE_ORDER = tuple(MODES)  # off -> pr -> ... -> on: how the report orders colum
 
 _PREFILL_RE = re.compile(r"^Prefill\. latency: ([0-9.]+) s")
 _DECODE_RE = re.compile(r"^Decode\.\s+median latency: ([0-9.]+) s")
-# sglang: "Using MoE kernel config from PATH." / the plugin: "... from PATH (sglang-gemma4-opt)."; both
+# sglang: "Using MoE kernel config from PATH." / the plugin: "... from PATH (sglang-gemma4-opt, pid N)."; both
 # fallbacks: "Config file not found at PATH. Fallback to ... config from PATH"; no table at all: "Using
 # default MoE kernel config. ... Config file not found at PATH". Searched anywhere in a line (tqdm's
 # carriage returns put log lines after progress bars).

@@ -132,7 +132,8 @@ def make_hook(module):
             logger.warning("sglang-gemma4-opt: cannot use MoE config %s (%s); using sglang's lookup", path, e)
             return original(*args)
         if missing is None:
-            logger.info("Using MoE kernel config from %s (sglang-gemma4-opt).", path)
+            # the pid tells TP ranks apart: the plugin's logger has no "[TP0]" prefix in every process
+            logger.info("Using MoE kernel config from %s (sglang-gemma4-opt, pid %d).", path, os.getpid())
         else:
             logger.warning(
                 "Config file not found at %s. Fallback to triton version %s and use MoE kernel config from %s. "
