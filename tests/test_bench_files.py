@@ -50,3 +50,10 @@ def test_committed_moe_files_hold_the_shape_their_name_says():
         m = re.match(r"fused_moe-N(\d+)-", f.name)
         want = int(m.group(1)) if m else kernels.DEFAULT_MOE_N
         assert ns == {want}, f.name
+
+
+def test_default_moe_n_is_the_suites():
+    pytest.importorskip("torch")
+    from sglang_gemma4_opt.bench import fused_moe
+
+    assert fused_moe.N == kernels.DEFAULT_MOE_N
