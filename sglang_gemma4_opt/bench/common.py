@@ -464,11 +464,12 @@ def progress(iterable, total: int | None = None, desc: str = ""):
         return iterable
 
 
-def fmt(x, spec: str = ".3g") -> str:
+def fmt(x, spec: str = ".3g", no: str = "NO") -> str:
+    """A table cell: '-' for None, yes/`no` for booleans, floats with `spec`."""
     if x is None:
         return "-"
     if isinstance(x, bool):
-        return "yes" if x else "NO"
+        return "yes" if x else no
     if isinstance(x, float):
         if math.isnan(x):
             return "nan"

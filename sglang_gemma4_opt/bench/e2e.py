@@ -252,6 +252,9 @@ def apply_env(base_env: dict, overrides: dict[str, str | None]) -> dict:
     return env
 
 
+PR_NO_TABLE = "the PR has no table for"  # in a record's moe_tables note; the report reads it back
+
+
 def moe_tables_note(mode: str, gpu: str | None, pr_dir: Path | None) -> str:
     """Which MoE tables a mode means to use, in words (the record also lists the files its process logged)."""
     m = MODES[mode]
@@ -261,7 +264,7 @@ def moe_tables_note(mode: str, gpu: str | None, pr_dir: Path | None) -> str:
         return "the plugin's tables (moe_configs patch), sglang's lookup for shapes it has none for"
     note = f"PR #26588's tables ({_shown(pr_dir)}) over sglang's own (SGLANG_MOE_CONFIG_DIR; moe_configs patch off)"
     if gpu and pr_dir is not None and not pr_has_gpu(pr_dir, gpu):
-        note += f"; the PR has no table for {gpu}, so this is sglang's own lookup"
+        note += f"; {PR_NO_TABLE} {gpu}, so this is sglang's own lookup"
     return note
 
 

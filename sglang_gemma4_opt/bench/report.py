@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import sys
 from pathlib import Path
 
-from .common import load_results
+from .common import fmt, load_results
 from .e2e import MODE_ORDER as E2E_MODE_ORDER
+from .e2e import PR_NO_TABLE
 
 ORDER = ("qkv_norm", "extend_attention", "fused_moe", "e2e")
 TITLES = {
@@ -41,13 +41,7 @@ def _title(suite, recs):
 
 
 def _f(x, spec=".3g"):
-    if x is None:
-        return "-"
-    if isinstance(x, bool):
-        return "yes" if x else "**no**"
-    if isinstance(x, float):
-        return "nan" if math.isnan(x) else format(x, spec)
-    return str(x)
+    return fmt(x, spec, no="**no**")  # markdown: a failed check in bold
 
 
 def _us(x):
@@ -189,7 +183,7 @@ def _e2e_find(e, pair, batch, phase, input_len, tp=1):
 
 def _pr_has_no_table(r) -> bool:
     """An on-pr-moe record on a GPU PR #26588 has no tables for: its baseline is sglang's own lookup."""
-    return "the PR has no table" in str((r.get("baseline_moe_tables") or {}).get("note", ""))
+    return PR_NO_TABLE in str((r.get("baseline_moe_tables") or {}).get("note", ""))
 
 
 def _e2e_targets(e):
