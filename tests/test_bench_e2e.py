@@ -138,6 +138,8 @@ def test_default_pairs():
     assert e2e.resolve_pairs(["off", "pr", "on-pr-moe", "no-attn", "on"], None) == [
         ("off", "pr"), ("off", "on-pr-moe"), ("off", "no-attn"), ("off", "on"), ("on-pr-moe", "on"), ("no-attn", "on")]
     assert e2e.resolve_pairs(["no-attn", "on"], None) == [("no-attn", "on")]
+    assert e2e.resolve_pairs(["off", "no-small-moe", "on"], None) == [
+        ("off", "no-small-moe"), ("off", "on"), ("no-small-moe", "on")]
     assert e2e.resolve_pairs(["pr", "on"], None) == [("pr", "on")]  # none of the rules: first vs the rest
     assert e2e.resolve_pairs(["on"], None) == []
     assert e2e.resolve_pairs(["off", "pr", "on"], ["pr:on", "off:on", "pr:on"]) == [("pr", "on"), ("off", "on")]
@@ -158,9 +160,12 @@ def test_mode_env():
     assert e2e.mode_env("on", base, "/pr") == {"SGLANG_GEMMA4_OPT": "1", "SGLANG_GEMMA4_OPT_DISABLE": None,
                                                "SGLANG_MOE_CONFIG_DIR": "/mine"}
     assert e2e.mode_env("no-attn", {}, "/pr")["SGLANG_GEMMA4_OPT_DISABLE"] == "extend_attention_kernel"
-    assert e2e.mode_env("on-pr-moe", base, "/pr") == {"SGLANG_GEMMA4_OPT": "1", "SGLANG_GEMMA4_OPT_DISABLE": "moe_configs",
+    assert e2e.mode_env("on-pr-moe", base, "/pr") == {"SGLANG_GEMMA4_OPT": "1",
+                                                      "SGLANG_GEMMA4_OPT_DISABLE": "moe_configs,moe_small_batch",
                                                       "SGLANG_MOE_CONFIG_DIR": "/pr"}
-    assert e2e.mode_env("pr", {}, "/pr")["SGLANG_GEMMA4_OPT_DISABLE"] == "extend_attention_kernel,moe_configs"
+    assert (e2e.mode_env("pr", {}, "/pr")["SGLANG_GEMMA4_OPT_DISABLE"]
+            == "extend_attention_kernel,moe_configs,moe_small_batch")
+    assert e2e.mode_env("no-small-moe", {}, None)["SGLANG_GEMMA4_OPT_DISABLE"] == "moe_small_batch"
     with pytest.raises(ValueError):
         e2e.mode_env("pr", {}, None)
     env = e2e.apply_env({"SGLANG_GEMMA4_OPT_DISABLE": "qkv_rmsnorm", "X": "1"}, e2e.mode_env("on", {}, None))
@@ -239,13 +244,13 @@ def test_five_modes_then_8k_then_a_rerun(fake):
     assert len(r["candidate_runs_us"]) == 2 and r["timestamp"] == doc["header"]["timestamp"]
     r = by[("on-pr-moe", "on", 64, "prefill")]
     assert r["latency_change"] == pytest.approx(SCALE["on"] / SCALE["on-pr-moe"] - 1)
-    assert r["baseline_env"] == {"SGLANG_GEMMA4_OPT": "1", "SGLANG_GEMMA4_OPT_DISABLE": "moe_configs",
+    assert r["baseline_env"] == {"SGLANG_GEMMA4_OPT": "1", "SGLANG_GEMMA4_OPT_DISABLE": "moe_configs,moe_small_batch",
                                  "SGLANG_MOE_CONFIG_DIR": "<PR #26588's tables over sglang's, a temp folder>"}
     assert r["baseline_moe_tables"]["used"] == ["pr26588/triton_3_6_0/E=128,N=704,device_name=NVIDIA_H200.json"]
     assert r["candidate_moe_tables"]["used"] == ["plugin/triton_3_6_0/E=128,N=704,device_name=NVIDIA_H200.json"]
     assert r["baseline_plugin_status"]["moe_configs"] == "disabled" and r["plugin_status"]["moe_configs"] == "applied"
     r = by[("off", "pr", 1, "decode")]
-    assert r["candidate_env"]["SGLANG_GEMMA4_OPT_DISABLE"] == "extend_attention_kernel,moe_configs"
+    assert r["candidate_env"]["SGLANG_GEMMA4_OPT_DISABLE"] == "extend_attention_kernel,moe_configs,moe_small_batch"
     assert r["baseline_moe_tables"]["used"] == [] and r["baseline_moe_tables"]["missing"]
     h = doc["header"]
     assert set(h["modes"]) == {"off", "on", "no-attn", "on-pr-moe", "pr"} and "runs" not in h["modes"]["on"]

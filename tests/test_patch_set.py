@@ -310,12 +310,14 @@ def probes(source, patched_tree, tmp_path_factory):
     return {role: json.loads((out / f"{role}.json").read_text()) for role in procs}, out
 
 
+PLUGIN_ONLY = ("unfused_routing", "extend_attention_kernel", "moe_small_batch")
+
+
 def test_stock_run_has_the_plugin_and_patched_run_does_not(probes):
     res, _ = probes
     assert res["stock"]["sglang"] == res["patched"]["sglang"] == gen.SGLANG_VERSION
-    # unfused_routing and extend_attention_kernel (plugin-only, not in the fork patches) are not compared
-    assert {k: v for k, v in res["stock"]["plugin"].items()
-            if k not in ("unfused_routing", "extend_attention_kernel")} == {
+    # unfused_routing and the plugin-only kernels (not in the fork patches) are not compared
+    assert {k: v for k, v in res["stock"]["plugin"].items() if k not in PLUGIN_ONLY} == {
         "extend_attention_blocks": "applied", "qkv_rmsnorm": "applied", "moe_configs": "applied"}
     assert res["patched"]["plugin"] == {}  # not loaded at all
     assert res["patched"]["by_head_kernel"] and not res["stock"]["by_head_kernel"]
@@ -352,8 +354,9 @@ def test_qkv_rmsnorm_matches(probes):
 def test_plugin_stands_aside_on_patched_sglang(probes):
     res, _ = probes
     got = res["patched"]["plugin_on_patched"]
-    assert {k: v for k, v in got.items() if k not in ("unfused_routing", "extend_attention_kernel")} == {
+    assert {k: v for k, v in got.items() if k not in PLUGIN_ONLY} == {
         "extend_attention_blocks": "already upstream", "qkv_rmsnorm": "already upstream",
         "moe_configs": "already upstream"}
     assert got["unfused_routing"] == "not applicable"
-    assert got.get("extend_attention_kernel", "applied") == "applied"  # plugin-only: no fork patch has it
+    for name in ("extend_attention_kernel", "moe_small_batch"):  # plugin-only: no fork patch has them
+        assert got.get(name, "applied") == "applied", (name, got.get(name))

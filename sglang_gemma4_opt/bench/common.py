@@ -165,6 +165,7 @@ def side_by_side() -> SideBySide:
     from .. import core
     from ..patches import extend_attention_blocks as pe
     from ..patches import moe_configs as pm
+    from ..patches import moe_small_batch as pms
     from ..patches import qkv_rmsnorm as pq
 
     ensure_server_args()
@@ -173,6 +174,7 @@ def side_by_side() -> SideBySide:
         ("qkv_norm", pq.NAME, pq.MODULES, pq.FUNC),
         ("extend_blocks", pe.NAME, pe.MODULES, pe.FUNC),
         ("moe_configs", pm.NAME, (pm.MODULE,), pm.FUNC),
+        ("moe_small_batch", pms.NAME, (pms.MODULE,), pms.FUNC),
     ):
         try:
             targets[key] = Target(key, patch, _first_module_with(modules, attr), attr)

@@ -9,10 +9,12 @@ modes, each in its own process, through sglang's `bench_one_batch`, compared in 
 Modes (the environment each process gets; `SGLANG_GEMMA4_OPT_DISABLE` turns single patches off):
     off        SGLANG_GEMMA4_OPT=0: stock sglang
     pr         sglang PR #26588's state: the plugin without `extend_attention_kernel` (the plugin's own
-               Hopper kernel) and without `moe_configs`, sglang reading its MoE tables from a folder
+               Hopper kernel), `moe_configs` and `moe_small_batch`, sglang reading its MoE tables from a folder
                that holds sglang's own tables with the PR's on top (SGLANG_MOE_CONFIG_DIR)
-    on-pr-moe  every plugin patch but `moe_configs`, the PR's MoE tables as for `pr`
+    on-pr-moe  every plugin patch but `moe_configs` and `moe_small_batch` (the plugin's decode MoE
+               kernels), the PR's MoE tables as for `pr` (sglang's MoE kernels with the PR's tables)
     no-attn    every plugin patch but `extend_attention_kernel` (the plugin's MoE tables)
+    no-small-moe  every plugin patch but `moe_small_batch` (sglang's MoE kernels at every batch size)
     on         every plugin patch
 The PR's tables come from `--pr-moe-tables` (default `benchmarks/baselines/pr26588`, a folder of
 `triton_<ver>/E=...json`). Where the PR has no table for the GPU (it has only H200 ones), `pr` and
@@ -66,7 +68,7 @@ from .one_batch import STATUS_PREFIX
 
 SUITE = "e2e"
 ENV_ENABLE, ENV_DISABLE, ENV_MOE_DIR = "SGLANG_GEMMA4_OPT", "SGLANG_GEMMA4_OPT_DISABLE", "SGLANG_MOE_CONFIG_DIR"
-ATTN_PATCH, MOE_PATCH = "extend_attention_kernel", "moe_configs"
+ATTN_PATCH, MOE_PATCH, SMALL_MOE_PATCH = "extend_attention_kernel", "moe_configs", "moe_small_batch"
 PR_MOE_TABLES = Path("benchmarks") / "baselines" / "pr26588"  # relative to the working directory or the repo
 DEFAULT_INPUT_LEN = 1024  # its results file has no input-length tag (e2e-<GPU>.json)
 
@@ -83,9 +85,10 @@ class Mode:
 MODES = {m.name: m for m in (
     Mode("off", "plugin off (SGLANG_GEMMA4_OPT=0)", False),
     Mode("pr", "PR #26588 state (plugin without extend_attention_kernel, PR's MoE tables)", True,
-         (ATTN_PATCH, MOE_PATCH), True),
-    Mode("on-pr-moe", "plugin on with PR #26588's MoE tables", True, (MOE_PATCH,), True),
+         (ATTN_PATCH, MOE_PATCH, SMALL_MOE_PATCH), True),
+    Mode("on-pr-moe", "plugin on with PR #26588's MoE tables", True, (MOE_PATCH, SMALL_MOE_PATCH), True),
     Mode("no-attn", "plugin on without extend_attention_kernel", True, (ATTN_PATCH,)),
+    Mode("no-small-moe", "plugin on without moe_small_batch", True, (SMALL_MOE_PATCH,)),
     Mode("on", "plugin on", True),
 )}
 MODE_ORDER = tuple(MODES)  # off -> pr -> ... -> on: how the report orders columns
@@ -111,10 +114,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--modes", nargs="+", default=["off", "on"], choices=list(MODES),
                    help="processes to run, in this order (default: off on): off = stock sglang; pr = PR #26588's state "
                         "(plugin without extend_attention_kernel, PR's MoE tables); on-pr-moe = plugin with the PR's "
-                        "MoE tables; no-attn = plugin without extend_attention_kernel; on = plugin")
+                        "MoE tables; no-attn = plugin without extend_attention_kernel; no-small-moe = plugin without "
+                        "moe_small_batch; on = plugin")
     p.add_argument("--compare", nargs="+", default=None, metavar="A:B",
                    help="baseline:candidate mode pairs to record (default: every mode vs off when off runs, plus "
-                        "on-pr-moe:on and no-attn:on when both ends run)")
+                        "on-pr-moe:on, no-attn:on and no-small-moe:on when both ends run)")
     p.add_argument("--pr-moe-tables", default=None, metavar="DIR",
                    help="PR #26588's MoE tables, a folder of triton_<ver>/E=...json, for the pr and on-pr-moe modes "
                         f"(default: {PR_MOE_TABLES} in the working directory or the repo)")
@@ -160,7 +164,7 @@ def resolve_pairs(modes: list[str], compare: list[str] | None) -> list[tuple[str
                 pairs.append((a, b))
         return pairs
     pairs = [("off", m) for m in modes if m != "off"] if "off" in modes else []
-    for a, b in (("on-pr-moe", "on"), ("no-attn", "on")):
+    for a, b in (("on-pr-moe", "on"), ("no-attn", "on"), ("no-small-moe", "on")):
         if a in modes and b in modes and (a, b) not in pairs:
             pairs.append((a, b))
     if not pairs and len(modes) > 1:

@@ -1,5 +1,6 @@
-"""Suite fused_moe: sglang's Triton fused MoE with the config sglang picks stock vs the one the plugin
-makes it pick (the plugin serves config tables through `get_moe_configs`).
+"""Suite fused_moe: sglang's Triton fused MoE stock vs with the plugin: the plugin serves config tables
+through `get_moe_configs`, and at the batch sizes of its per-GPU table (decode) runs its own two-kernel
+path (`moe_small_batch`) in place of sglang's `fused_experts_impl`.
 
 Gemma4 26B-A4B experts: E=128, intermediate N=704, hidden K=2816, top-8, bf16, gelu (as Gemma4MoE
 builds FusedMoE), all experts local (TP=1, no EP: sglang then runs with filter_expert=False).
@@ -104,12 +105,47 @@ def use_tables(sbs, folder):
         setattr(mod, t.attr, old)
 
 
+@contextlib.contextmanager
+def _both(sbs, tables_cm, which: str):
+    """tables_cm plus sglang's or the plugin's fused_experts_impl (when this sglang has the target)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(tables_cm)
+        if "moe_small_batch" in sbs.targets:
+            stack.enter_context(sbs.use("moe_small_batch", which))
+        yield
+
+
 def baseline_use(ctx):
-    """Context factory for the baseline side: sglang's stock lookup, or --moe-baseline's tables."""
+    """Context factory for the baseline side: sglang's stock lookup, or --moe-baseline's tables; sglang's
+    own kernel sequence either way."""
     folder = getattr(ctx, "moe_baseline", None)
     if folder:
-        return lambda: use_tables(ctx.sbs, folder)
-    return lambda: ctx.sbs.use("moe_configs", "stock")
+        return lambda: _both(ctx.sbs, use_tables(ctx.sbs, folder), "stock")
+    return lambda: _both(ctx.sbs, ctx.sbs.use("moe_configs", "stock"), "stock")
+
+
+def plugin_use(ctx):
+    """Context factory for the plugin side: its tables and, at its batch sizes, its small-batch path."""
+    return lambda: _both(ctx.sbs, ctx.sbs.use("moe_configs", "plugin"), "plugin")
+
+
+def small_batch_path(sbs, M, weights, topk=TOPK):
+    """True when the plugin's small-batch kernels take a Gemma4 MoE call of M tokens on this GPU."""
+    import torch
+
+    if "moe_small_batch" not in sbs.targets or not sbs.applied("moe_small_batch"):
+        return False
+    from ..kernels import moe_small_batch as km
+    from ..patches import moe_small_batch as pms
+
+    dev = weights.w13.device
+    x = torch.empty(M, weights.w13.shape[2], device=dev, dtype=torch.bfloat16)
+    ids = torch.zeros(M, topk, device=dev, dtype=torch.int32)
+    sig, extra = pms.signature_info(pms.stock_impl())
+    bound = sig.bind(x, weights.w13, weights.w2, ids.float(), ids, activation="gelu")  # as fused_experts calls it
+    bound.apply_defaults()
+    params, _ = pms.route(dict(bound.arguments), extra, km.load_table())
+    return params is not None
 
 
 def picked_config(sbs, which, M, weights, topk=TOPK):
@@ -153,14 +189,15 @@ def run_case(ctx, case):
     w, ids = random_routing(M)
     with base_use():
         out_s = run(x, w, ids).clone()
-    with sbs.use("moe_configs", "plugin"):
+    plug_use = plugin_use(ctx)
+    with plug_use():
         out_p = run(x, w, ids).clone()
     torch.cuda.synchronize()
     max_abs_diff = float((out_s.float() - out_p.float()).abs().max())
     rel_diff = float((out_s.float() - out_p.float()).norm() / out_s.float().norm().clamp_min(1e-30))
     finite = bool(torch.isfinite(out_s).all() and torch.isfinite(out_p).all())
 
-    with sbs.use("moe_configs", "plugin"):
+    with plug_use():
         est = ctx.estimate(lambda i: run(x, w, ids))
     calls = ctx.calls_for(est)
     # Fresh routing per captured call; hidden states rotate too where memory allows.
@@ -175,7 +212,7 @@ def run_case(ctx, case):
 
     timings = ctx.time({
         "stock": (step, base_use),
-        "plugin": (step, lambda: sbs.use("moe_configs", "plugin")),
+        "plugin": (step, plug_use),
     }, calls=calls)
     cfg_s, down_s = picked_config(sbs, base_use, M, wts)
     cfg_p, down_p = picked_config(sbs, "plugin", M, wts)
@@ -195,6 +232,7 @@ def run_case(ctx, case):
         candidate_tbps=nbytes / (t_p * 1e-6) / 1e12, baseline_tbps=nbytes / (t_s * 1e-6) / 1e12,
         max_abs_diff=max_abs_diff, rel_diff=rel_diff, outputs_finite=finite,
         plugin_status=sbs.status("moe_configs"),
+        candidate_path="plugin small-batch kernels" if small_batch_path(sbs, M, wts) else "sglang's kernels",
     )
     if ctx.hbm_tbps:
         rec["hbm_roof_tbps"] = ctx.hbm_tbps
@@ -213,7 +251,8 @@ def _is_default(sbs, wts):
 
 def table_row(r):
     c = r["case"]
-    return [str(c["M"]), _cfg_short(r["baseline_config"]), _cfg_short(r["candidate_config"]), r["baseline_us"],
+    cand = "small-batch" if r.get("candidate_path", "").startswith("plugin small") else _cfg_short(r["candidate_config"])
+    return [str(c["M"]), _cfg_short(r["baseline_config"]), cand, r["baseline_us"],
             r["candidate_us"], f"{r['speedup']:.2f}x", r["candidate_tbps"], r["candidate_tflops"], r["max_abs_diff"]]
 
 

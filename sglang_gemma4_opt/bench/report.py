@@ -80,7 +80,8 @@ def rows(suite, recs):
         dag = lambda r: " †" if r.get("superseded") else ""  # noqa: E731
         cols = ["M", f"{b} cfg M/N/K", "plugin cfg M/N/K", f"{b} µs", "plugin µs", "speedup", "plugin TB/s",
                 "plugin TFLOP/s"]
-        rs = [[str(r["case"]["M"]), _cfg(r.get("baseline_config")), _cfg(r.get("candidate_config")),
+        rs = [[str(r["case"]["M"]), _cfg(r.get("baseline_config")),
+               "small-batch kernels" if small_batch(r) else _cfg(r.get("candidate_config")),
                _us(r["baseline_us"]), _us(r["candidate_us"]), f"{r['speedup']:.2f}×{dag(r)}",
                _f(r.get("candidate_tbps"), ".2f"), _f(r.get("candidate_tflops"), ".0f")] for r in recs]
     else:  # e2e, the records of one mode pair
@@ -228,11 +229,16 @@ def _met(ok):
     return "-" if ok is None else ("yes" if ok else "**no**")
 
 
+def small_batch(r) -> bool:
+    """The plugin side of a fused_moe record ran the plugin's small-batch kernels (not sglang's)."""
+    return str(r.get("candidate_path", "")).startswith("plugin small")
+
+
 def same_moe_configs(r) -> bool:
     """Both sides of a fused_moe record ran the same up and down configs (a down table absent = the up one),
     so its speedup is timing spread, not a table difference."""
     b, c = r.get("baseline_config"), r.get("candidate_config")
-    if b is None or c is None:
+    if b is None or c is None or small_batch(r):
         return False
     return b == c and (r.get("baseline_down_config") or b) == (r.get("candidate_down_config") or c)
 
@@ -355,6 +361,10 @@ def generate(results_dir: Path) -> str:
         if suite == "fused_moe":
             extra.append("TB/s counts only the weights of the experts a call touches (w13 2N·K + w2 K·N, bf16); "
                          "TFLOP/s = 2·M·topk·(2N·K + N·K) / t. Config columns: BLOCK_SIZE_M/N/K of the gate-up GEMM.")
+            if any(small_batch(r) for r in recs):
+                extra.append("\"small-batch kernels\": the plugin's `moe_small_batch` path (two Triton kernels, "
+                             "`sglang_gemma4_opt/kernels/moe_small_batch.py`) ran in place of sglang's kernel "
+                             "sequence at that M.")
             if is_pr_baseline(r0):
                 extra.append(f"Baseline: {r0['baseline']} (`{h.get('moe_baseline', '?')}`); plugin: the tables "
                              "`sglang-gemma4-opt tune-moe` wrote (`sglang_gemma4_opt/configs/`).")
@@ -542,7 +552,16 @@ def _diagnostics(d: Path) -> list[str]:
     for f in sorted(d.iterdir()):
         try:
             if f.suffix == ".json":
+                doc = json.loads(f.read_text())
+                if isinstance(doc, dict) and doc.get("rows") and "small_us" in doc["rows"][0]:  # tune_moe_small
+                    lines.append(f"- `{f.name}`: sglang's MoE → the plugin's small-batch kernels, " + "; ".join(
+                        f"N={r['N']} M={r['M']}: {_us(r['stock_us'])} → {_us(r['small_us'])} µs "
+                        f"({r['speedup']:.2f}×)" for r in doc["rows"]))
+                    continue
                 _, recs = load_results(f)
+                if not recs:
+                    lines.append(f"- `{f.name}`: raw sweep data (no stock/plugin records)")
+                    continue
                 parts = []
                 for r in recs:
                     c = r["case"]

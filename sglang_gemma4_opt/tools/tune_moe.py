@@ -1249,12 +1249,15 @@ class KernelBackend:
 
         from ..patches.moe_configs import MODULE
 
+        from ..patches.moe_small_batch import stock_path
+
         cfg_mod = importlib.import_module(MODULE)
         old = cfg_mod.__dict__["get_moe_configs"]
         cfg_mod.get_moe_configs = (lambda E, N, dtype, block_n=0, block_k=0, per_channel_quant=False,
                                    down_moe=False: {M: dict(down if down_moe else up)})
         try:
-            yield
+            with stock_path():  # sglang's kernels, even at the sizes the plugin's small-batch path takes
+                yield
         finally:
             cfg_mod.get_moe_configs = old
 

@@ -1,0 +1,209 @@
+"""Patch: small-batch (decode) fused MoE in two Triton kernels, decided per call.
+
+Target:   `fused_experts_impl` in `sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe` (what sglang's
+          inplace/outplace fused-experts ops run for the Triton MoE backend; Gemma4's FusedMoE uses it).
+Why:      at decode sizes sglang runs moe_align_block_size, an up GEMM in 16-row tensor-core tiles, the
+          activation, a down GEMM and moe_sum: five launches for a memory-bound job. On H200 Gemma4's MoE
+          at M=1 takes ~40 us where streaming its 8 experts' weights takes ~22 us.
+          `kernels/moe_small_batch.py` does it in two (up + activation, down + weighted sum).
+Routing:  per call, cheapest check first: M above the GPU's tuned max for this shape (`configs/
+          moe_small_batch.json`; a GPU or shape not there never takes this path) -> sglang; sglang's
+          deterministic inference -> sglang (the path depends on the batch size, so it would break batch
+          invariance); then every argument: bf16/fp16, no quantization (fp8/int8/int4, scales, zero
+          points, block shape), no biases, gated silu/gelu, no gemm1 alpha/limit or swiglu limit, router
+          weight on the output, combined output, and any argument newer sglang added at its default.
+          Routing (top-k ids and weights) is an input here and is not touched.
+          `SGLANG_GEMMA4_OPT_DISABLE=moe_small_batch` turns it off.
+Upstream: none (plugin-only kernels).
+Remove:   when sglang's Triton MoE reaches the weight-streaming roof at decode sizes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import logging
+
+from ..core import HookSpec, NotApplicable, TargetChanged, import_first, sglang_deterministic
+from ..settings import trace_enabled
+
+NAME = "moe_small_batch"
+SUMMARY = "decode-size fused MoE in two Triton kernels (up+act, down+sum), per-GPU max batch"
+UPSTREAM = "none (plugin-only kernels)"
+REMOVE_WHEN = "sglang's Triton MoE streams weights at the HBM roof at decode sizes"
+
+MODULE = "sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe"
+FUNC = "fused_experts_impl"
+# sglang 0.5.11/0.5.12's parameters, in order, each with the value this path supports (None: any)
+BASE_PARAMS = (
+    "hidden_states", "w1", "w2", "topk_weights", "topk_ids", "b1", "b2", "inplace", "activation", "is_gated",
+    "apply_router_weight_on_input", "use_fp8_w8a8", "use_int8_w8a8", "use_int8_w8a16", "use_int4_w4a16",
+    "per_channel_quant", "w1_scale", "w2_scale", "w1_zp", "w2_zp", "a1_scale", "a2_scale", "block_shape",
+    "no_combine", "routed_scaling_factor", "gemm1_alpha", "gemm1_limit", "filter_expert", "swiglu_limit",
+)
+MUST_BE = {
+    "b1": None, "b2": None, "apply_router_weight_on_input": False, "use_fp8_w8a8": False, "use_int8_w8a8": False,
+    "use_int8_w8a16": False, "use_int4_w4a16": False, "per_channel_quant": False, "w1_scale": None,
+    "w2_scale": None, "w1_zp": None, "w2_zp": None, "a1_scale": None, "a2_scale": None, "block_shape": None,
+    "no_combine": False, "gemm1_alpha": None, "gemm1_limit": None, "swiglu_limit": None,
+}
+
+logger = logging.getLogger("sglang_gemma4_opt")
+_fallback_logged = False
+_traced: set = set()
+_gpu_names: dict = {}
+
+
+def gpu_of(t) -> str | None:
+    """The name of the CUDA GPU holding tensor t (cached per device index), None off CUDA."""
+    if not getattr(t, "is_cuda", False):
+        return None
+    import torch
+
+    idx = t.device.index if t.device.index is not None else torch.cuda.current_device()
+    name = _gpu_names.get(idx)
+    if name is None:
+        name = _gpu_names[idx] = torch.cuda.get_device_name(idx)
+    return name
+
+
+def _same(a, b) -> bool:
+    if a is b:
+        return True
+    try:
+        return type(a) is type(b) and not hasattr(a, "shape") and bool(a == b)
+    except Exception:
+        return False
+
+
+def route(call: dict, extra_defaults: dict, table: dict):
+    """(params, None) when the plugin's kernels take this call, else (None, reason sglang's path runs it)."""
+    from ..kernels import moe_small_batch as km
+
+    x = call["hidden_states"]
+    gpu = gpu_of(x)
+    if gpu is None:
+        return None, "not on a CUDA device"
+    w1 = call["w1"]
+    key = km.shape_key(w1.shape[0], w1.shape[1] // 2, w1.shape[2], call["topk_ids"].shape[-1], x.dtype)
+    params = km.params_for(table, gpu, key, x.shape[0])
+    if params is None:
+        return None, f"M={x.shape[0]} {key}: not in this GPU's table"
+    for k, v in MUST_BE.items():
+        if not _same(call.get(k), v):
+            return None, f"{k}={call.get(k)!r}"
+    rsf = call.get("routed_scaling_factor")
+    if rsf is not None and not isinstance(rsf, (int, float)):
+        return None, f"routed_scaling_factor {type(rsf).__name__}"
+    for k, default in extra_defaults.items():
+        if k in call and not _same(call[k], default):
+            return None, f"{k}={call[k]!r}"
+    why = km.unsupported_reason(x, w1, call["w2"], call["topk_weights"], call["topk_ids"], call["activation"],
+                                call["is_gated"])
+    return (params, None) if why is None else (None, why)
+
+
+
+def _trace(call: dict, why) -> None:
+    try:
+        kind = (tuple(call["hidden_states"].shape), tuple(call["w1"].shape), why)
+    except Exception:
+        return
+    if kind not in _traced and len(_traced) < 256:
+        _traced.add(kind)
+        logger.info("sglang-gemma4-opt trace: fused MoE x %s w1 %s -> %s", kind[0], kind[1],
+                    "plugin small-batch kernels" if why is None else f"sglang's path ({why})")
+
+
+def make_hook(signature: inspect.Signature, extra_defaults: dict, table: dict | None = None):
+    """AROUND hook for sglang's fused_experts_impl; `table` defaults to the shipped per-GPU table."""
+    from ..kernels import moe_small_batch as km
+
+    trace = trace_enabled()
+    table = km.load_table() if table is None else table
+    max_m = max((e[0] for shapes in table.values() for e in shapes.values()), default=0)
+
+    def fused_experts_impl_hook(original, *args, **kwargs):
+        global _fallback_logged
+        x = args[0] if args else kwargs.get("hidden_states")
+        if getattr(x, "shape", (max_m + 1,))[0] > max_m:  # prefill: one comparison, then sglang
+            return original(*args, **kwargs)
+        try:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            call = bound.arguments
+            if sglang_deterministic():
+                params, why = None, "deterministic inference"
+            else:
+                params, why = route(call, extra_defaults, table)
+        except Exception as e:  # never let routing take the call down
+            call, params, why = None, None, f"routing failed: {e}"
+        if trace and call is not None:
+            _trace(call, why)
+        if params is not None:
+            try:
+                out = call["hidden_states"] if call["inplace"] else None
+                return km.fused_moe_small_batch(
+                    call["hidden_states"], call["w1"], call["w2"], call["topk_weights"], call["topk_ids"],
+                    call["activation"], out=out, routed_scaling_factor=call["routed_scaling_factor"],
+                    params=params)
+            except Exception as e:  # e.g. a compile failure: sglang's path still answers
+                if not _fallback_logged:
+                    _fallback_logged = True
+                    logger.warning("sglang-gemma4-opt: moe_small_batch fell back to sglang's path: %s", e)
+        return original(*args, **kwargs)
+
+    fused_experts_impl_hook.route = route
+    return fused_experts_impl_hook
+
+
+def signature_info(func) -> tuple[inspect.Signature, dict]:
+    """(signature, {parameter newer sglang added: default}); raises TargetChanged."""
+    sig = inspect.signature(func)
+    ps = list(sig.parameters.values())
+    names = tuple(p.name for p in ps)
+    if names[:len(BASE_PARAMS)] != BASE_PARAMS:
+        raise TargetChanged(f"{FUNC} takes {list(names)}, expected {list(BASE_PARAMS)} first")
+    if any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in ps):
+        raise TargetChanged(f"{FUNC} takes *args/**kwargs")
+    extra = {}
+    for p in ps[len(BASE_PARAMS):]:
+        if p.default is inspect.Parameter.empty:
+            raise TargetChanged(f"{FUNC} has a new required argument {p.name}")
+        extra[p.name] = p.default
+    return sig, extra
+
+
+@contextlib.contextmanager
+def stock_path():
+    """Inside: sglang's module global is its own fused_experts_impl (for tuners that time sglang's path)."""
+    mod = importlib.import_module(MODULE)
+    old = mod.__dict__[FUNC]
+    setattr(mod, FUNC, stock_impl())
+    try:
+        yield
+    finally:
+        setattr(mod, FUNC, old)
+
+
+def stock_impl():
+    """sglang's own fused_experts_impl, whether or not the patch is applied (for benchmarks and tests)."""
+    fn = getattr(importlib.import_module(MODULE), FUNC)
+    return getattr(fn, "__wrapped__", fn)
+
+
+def prepare() -> list[HookSpec]:
+    module = import_first(MODULE)
+    func = getattr(module, FUNC, None)
+    if func is None:
+        raise NotApplicable(f"{module.__name__} has no {FUNC}")
+    sig, extra = signature_info(func)
+    try:
+        km = importlib.import_module("..kernels.moe_small_batch", __package__)
+        table = km.load_table()
+    except Exception as e:
+        raise NotApplicable(f"kernel module or table does not load: {e}")
+    if not table:
+        raise NotApplicable("no GPU in configs/moe_small_batch.json")
+    return [HookSpec(f"{module.__name__}.{FUNC}", make_hook(sig, extra), "around")]
