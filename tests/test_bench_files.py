@@ -23,6 +23,10 @@ def _args(*argv):
     (("--moe-baseline", "benchmarks/baselines/pr26588"), "fused_moe", "N704-vs-pr26588"),
     (("--moe-baseline", "x/pr26588", "--moe-baseline-label", "pr26588 table"), "fused_moe", "N704-vs-pr26588-table"),
     (("--moe-n", "352", "--moe-baseline", "x/b", "--moe-results-tag", "pr"), "fused_moe", "N352-vs-pr"),
+    (("--moe-dtype", "fp8_w8a8"), "fused_moe", "N704-fp8"),
+    (("--moe-n", "352", "--moe-dtype", "fp8_w8a8"), "fused_moe", "N352-fp8"),
+    (("--moe-dtype", "fp8_w8a8", "--moe-baseline", "x/b"), "fused_moe", "N704-fp8-vs-b"),
+    (("--moe-dtype", "bf16"), "fused_moe", ""),
     (("--moe-n", "352"), "qkv_norm", ""),
     (("--moe-n", "352"), "extend_attention", ""),
 ])
@@ -46,10 +50,13 @@ def test_committed_moe_files_hold_the_shape_their_name_says():
     files = sorted(res.glob("fused_moe*.json"))
     assert files
     for f in files:
-        ns = {r["case"]["N"] for r in json.loads(f.read_text())["records"]}
+        recs = json.loads(f.read_text())["records"]
+        ns = {r["case"]["N"] for r in recs}
         m = re.match(r"fused_moe-N(\d+)-", f.name)
         want = int(m.group(1)) if m else kernels.DEFAULT_MOE_N
         assert ns == {want}, f.name
+        dtypes = {r["case"].get("dtype", "bfloat16") for r in recs}
+        assert dtypes == ({"fp8_w8a8"} if re.match(r"fused_moe-N\d+-fp8-", f.name) else {"bfloat16"}), f.name
 
 
 def test_default_moe_n_is_the_suites():

@@ -69,3 +69,17 @@ def test_e2e_targets_tp2_rows_and_a_gpu_without_pr_tables():
     assert rows[name] == ("-5.3% (950.0 → 900.0 ms)", False)
     # no TP 2 record: no TP 2 row (it has no target to miss)
     assert not any("TP 2" in n for n, _, _ in report._e2e_targets([]))
+
+
+def test_fp8_rows_stay_out_of_the_bf16_targets_and_small_batch_rows_are_named():
+    a, b = {"BLOCK_SIZE_M": 64}, {"BLOCK_SIZE_M": 128}
+    bf16 = [dict(_moe(M, 1.5, a, b), baseline="sglang stock config (default)", candidate_us=30.0) for M in (256, 4096)]
+    fp8 = [dict(_moe(M, 0.5, a, b), baseline="sglang stock config (default)") for M in (256, 4096)]
+    for r in fp8:
+        r["case"]["dtype"] = "fp8_w8a8"
+    rows = {n: (v, ok) for n, v, ok in report.targets({"fused_moe": bf16 + fp8})}
+    assert rows["fused_moe ≥1.3× for M in 256…4096"] == ("min 1.500× (M=256)", True)
+    assert "fp8_w8a8" in report._title("fused_moe", fp8) and "bf16" in report._title("fused_moe", bf16)
+    small = dict(_moe(1, 1.4, a, a), candidate_path="plugin small-batch kernels")
+    assert report.small_batch(small) and not report.same_moe_configs(small)
+    assert not report.small_batch(_moe(1, 1.0, a, a))

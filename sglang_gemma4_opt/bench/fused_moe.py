@@ -33,14 +33,35 @@ def cases(sizes=None, quick=False):
 
 
 class Weights:
-    """The experts' weights, made once per run (1.5 GB) and shared by all sizes."""
+    """The experts' weights, made once per run (1.5 GB) and shared by all sizes.
 
-    def __init__(self, E=E, N=N, K=K, device="cuda"):
+    dtype "fp8_w8a8": float8_e4m3fn weights with one scale per expert and projection (sglang's per-tensor
+    fp8_w8a8; its table files carry `dtype=fp8_w8a8`); `kw` holds what fused_experts then needs."""
+
+    def __init__(self, E=E, N=N, K=K, device="cuda", dtype="bfloat16"):
         import torch
 
         # Scaled like trained weights (unit-variance outputs), so activations stay in bf16's range.
         self.w13 = (torch.randn(E, 2 * N, K, device=device) * K ** -0.5).to(torch.bfloat16)
         self.w2 = (torch.randn(E, K, N, device=device) * N ** -0.5).to(torch.bfloat16)
+        self.dtype = dtype
+        self.kw = {}
+        if dtype == "fp8_w8a8":
+            fp8 = torch.float8_e4m3fn
+            s13 = self.w13.float().abs().amax(dim=(1, 2)) / torch.finfo(fp8).max
+            s2 = self.w2.float().abs().amax(dim=(1, 2)) / torch.finfo(fp8).max
+            self.w13 = (self.w13.float() / s13[:, None, None]).to(fp8)
+            self.w2 = (self.w2.float() / s2[:, None, None]).to(fp8)
+            self.kw = dict(use_fp8_w8a8=True, w1_scale=s13, w2_scale=s2)
+
+    @property
+    def config_dtype(self):
+        """sglang's dtype selector for config lookup: None (bf16) or "fp8_w8a8"."""
+        return "fp8_w8a8" if self.dtype == "fp8_w8a8" else None
+
+    @property
+    def elt(self) -> int:
+        return 1 if self.dtype == "fp8_w8a8" else 2
 
 
 def random_routing(M, E=E, topk=TOPK, device="cuda"):
@@ -142,7 +163,8 @@ def small_batch_path(sbs, M, weights, topk=TOPK):
     x = torch.empty(M, weights.w13.shape[2], device=dev, dtype=torch.bfloat16)
     ids = torch.zeros(M, topk, device=dev, dtype=torch.int32)
     sig, extra = pms.signature_info(pms.stock_impl())
-    bound = sig.bind(x, weights.w13, weights.w2, ids.float(), ids, activation="gelu")  # as fused_experts calls it
+    # as fused_experts calls it
+    bound = sig.bind(x, weights.w13, weights.w2, ids.float(), ids, activation="gelu", **getattr(weights, "kw", {}))
     bound.apply_defaults()
     params, _ = pms.route(dict(bound.arguments), extra, km.load_table())
     return params is not None
@@ -155,7 +177,8 @@ def picked_config(sbs, which, M, weights, topk=TOPK):
 
     cfg_mod = importlib.import_module(MODULE_CFG)
     with (which() if callable(which) else sbs.use("moe_configs", which)):
-        cfg, (down, _) = cfg_mod.try_get_optimal_moe_config(weights.w13.shape, weights.w2.shape, topk, None, M,
+        cfg, (down, _) = cfg_mod.try_get_optimal_moe_config(weights.w13.shape, weights.w2.shape, topk,
+                                                            getattr(weights, "config_dtype", None), M,
                                                             return_down_config=True)
     return dict(cfg), (dict(down) if down else None)
 
@@ -171,9 +194,10 @@ def run_case(ctx, case):
     if "moe_configs" not in sbs.targets:
         raise RuntimeError("this sglang has no get_moe_configs")
     n = case.get("N", N)
-    if ctx.moe_weights is None or ctx.moe_weights.w2.shape[2] != n:
+    dtype = case.get("dtype", "bfloat16")
+    if ctx.moe_weights is None or ctx.moe_weights.w2.shape[2] != n or ctx.moe_weights.dtype != dtype:
         ctx.moe_weights = None
-        ctx.moe_weights = Weights(N=n)
+        ctx.moe_weights = Weights(N=n, dtype=dtype)
     wts = ctx.moe_weights
     M = case["M"]
     fused_experts = fused_experts_fn()
@@ -181,7 +205,7 @@ def run_case(ctx, case):
     base_use = baseline_use(ctx)
 
     def run(x, w, ids):
-        return fused_experts(x, wts.w13, wts.w2, topk_output(w, ids), rcfg)
+        return fused_experts(x, wts.w13, wts.w2, topk_output(w, ids), rcfg, **wts.kw)
 
     # Same inputs through both configs: how far apart are they (tiles change the K-reduction order,
     # so not bit-exact; the GPU tests hold each against a float32 reference).
@@ -217,7 +241,7 @@ def run_case(ctx, case):
     cfg_s, down_s = picked_config(sbs, base_use, M, wts)
     cfg_p, down_p = picked_config(sbs, "plugin", M, wts)
     flops = moe_flops(M, n, K, TOPK)
-    nbytes = moe_weight_bytes(touched, n, K)
+    nbytes = moe_weight_bytes(touched, n, K, wts.elt)
     t_s, t_p = timings["stock"].median_us, timings["plugin"].median_us
     rec = record(
         SUITE, dict(case, N=n),
@@ -227,7 +251,8 @@ def run_case(ctx, case):
         baseline_config=cfg_s, baseline_down_config=down_s, candidate_config=cfg_p, candidate_down_config=down_p,
         flops=flops, flop_count="2 * M * topk * (2N*K + N*K)",
         experts_touched=touched, weight_bytes=nbytes,
-        byte_count="weights of the experts touched (mean over the captured calls), w13 2N*K + w2 K*N, bf16",
+        byte_count="weights of the experts touched (mean over the captured calls), w13 2N*K + w2 K*N, "
+                   + ("fp8" if wts.elt == 1 else "bf16"),
         candidate_tflops=flops / (t_p * 1e-6) / 1e12, baseline_tflops=flops / (t_s * 1e-6) / 1e12,
         candidate_tbps=nbytes / (t_p * 1e-6) / 1e12, baseline_tbps=nbytes / (t_s * 1e-6) / 1e12,
         max_abs_diff=max_abs_diff, rel_diff=rel_diff, outputs_finite=finite,
@@ -246,7 +271,7 @@ def _is_default(sbs, wts):
     """True when sglang's own lookup finds no table for this shape (so it falls back to its default)."""
     with sbs.use("moe_configs", "stock"):
         fn = sbs.stock["moe_configs"]
-        return fn(wts.w2.shape[0], wts.w2.shape[2], None, 0, 0, False, False) is None
+        return fn(wts.w2.shape[0], wts.w2.shape[2], getattr(wts, "config_dtype", None), 0, 0, False, False) is None
 
 
 def table_row(r):

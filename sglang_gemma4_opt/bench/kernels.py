@@ -50,6 +50,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--moe-n", type=int, default=None, metavar="N",
                    help="fused_moe: intermediate size per TP rank (default 704, TP=1; 352 is TP=2)")
+    p.add_argument("--moe-dtype", default="bf16", choices=["bf16", "fp8_w8a8"],
+                   help="fused_moe: expert weights in bf16 (default) or fp8_w8a8 (per-expert scales, activations "
+                        "quantised by sglang per call); fp8 runs write fused_moe-N<N>-fp8-<GPU>.json")
     p.add_argument("--moe-baseline", default=None, metavar="DIR",
                    help="fused_moe: baseline = the tables in DIR (a folder of sglang-named tables or a configs "
                         "root with triton_x_y_z/) instead of sglang's stock lookup")
@@ -112,11 +115,12 @@ def results_tag(suite: str, args) -> str:
     if suite != "fused_moe":
         return ""
     n = getattr(args, "moe_n", None) or DEFAULT_MOE_N
+    fp8 = "-fp8" if getattr(args, "moe_dtype", "bf16") == "fp8_w8a8" else ""
     base = getattr(args, "moe_baseline", None)
     if base:
         label = getattr(args, "moe_results_tag", None) or getattr(args, "moe_baseline_label", None) or Path(base).name
-        return f"N{n}-vs-{common.slug(label).replace('_', '-')}"
-    return "" if n == DEFAULT_MOE_N else f"N{n}"
+        return f"N{n}{fp8}-vs-{common.slug(label).replace('_', '-')}"
+    return "" if n == DEFAULT_MOE_N and not fp8 else f"N{n}{fp8}"
 
 
 def plan(args):
@@ -133,6 +137,8 @@ def plan(args):
             cs = mod.cases(ms or None, args.quick)
             if suite == "fused_moe" and getattr(args, "moe_n", None):
                 cs = [dict(c, N=args.moe_n) for c in cs]
+            if suite == "fused_moe" and getattr(args, "moe_dtype", "bf16") == "fp8_w8a8":
+                cs = [dict(c, dtype="fp8_w8a8") for c in cs]
         out.append((suite, mod, cs))
     return out
 

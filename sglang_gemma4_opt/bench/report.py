@@ -35,7 +35,8 @@ def _title(suite, recs):
     if suite == "fused_moe" and recs:
         c = recs[0]["case"]
         vs = ", plugin vs sglang PR #26588's table" if is_pr_baseline(recs[0]) else ""
-        return f"Fused MoE, E={c.get('E', 128)} N={c.get('N', 704)} K={c.get('K', 2816)} top-{c.get('topk', 8)} bf16, " \
+        dt = "fp8_w8a8" if c.get("dtype") == "fp8_w8a8" else "bf16"
+        return f"Fused MoE, E={c.get('E', 128)} N={c.get('N', 704)} K={c.get('K', 2816)} top-{c.get('topk', 8)} {dt}, " \
                f"random routing{vs}"
     return TITLES[suite]
 
@@ -145,13 +146,14 @@ def targets(by_suite):
     if v is not None:
         out.append(("extend_attention head dim 256 ≥1.15× on every shape", txt, v >= 1.15))
     out += _issue6_targets(a)
-    m = [r for r in by_suite.get("fused_moe", []) if "(default)" in str(r.get("baseline"))
+    bf16 = [r for r in by_suite.get("fused_moe", []) if r["case"].get("dtype", "bfloat16") == "bfloat16"]
+    m = [r for r in bf16 if "(default)" in str(r.get("baseline"))
          and r["case"].get("N", 704) == 704]  # issue 3: vs sglang's default config (no table)
     v, txt = _worst(m, lambda c: 256 <= c["M"] <= 4096, lambda c: f"M={c['M']}")
     if v is not None:
         out.append(("fused_moe ≥1.3× for M in 256…4096", txt, v >= 1.3))
     # issue 4: the plugin's own tables vs the PR's (N=704)
-    live = [r for r in by_suite.get("fused_moe", []) if not r.get("superseded")]
+    live = [r for r in bf16 if not r.get("superseded")]
     pr = [r for r in live if is_pr_baseline(r) and r["case"].get("N", 704) == 704]
     out += _moe_vs_table(pr, "PR table", 1.3, "≥0.97× at every M", 0.97)
     own = [r for r in live if not is_pr_baseline(r) and r["case"].get("N", 704) == 704
@@ -359,7 +361,8 @@ def generate(results_dir: Path) -> str:
                                  for r in recs)) + ". Relative error: "
                              "‖out − ref‖ / ‖ref‖ against float32 attention on the same bf16 inputs.")
         if suite == "fused_moe":
-            extra.append("TB/s counts only the weights of the experts a call touches (w13 2N·K + w2 K·N, bf16); "
+            wdt = "fp8, one byte each" if r0["case"].get("dtype") == "fp8_w8a8" else "bf16"
+            extra.append(f"TB/s counts only the weights of the experts a call touches (w13 2N·K + w2 K·N, {wdt}); "
                          "TFLOP/s = 2·M·topk·(2N·K + N·K) / t. Config columns: BLOCK_SIZE_M/N/K of the gate-up GEMM.")
             if any(small_batch(r) for r in recs):
                 extra.append("\"small-batch kernels\": the plugin's `moe_small_batch` path (two Triton kernels, "
