@@ -1,0 +1,247 @@
+"""Fused MoE for large batches (prefill): expert-grouped GEMMs with TMA weight tiles.
+
+sglang's Triton MoE at prefill sizes runs moe_align_block_size -> up GEMM -> gelu_and_mul -> down GEMM
+-> moe_sum, both GEMMs loading every tile (tokens and weights) through pointer loads. On H200 that
+reaches ~300-400 TFLOP/s at M=4096-16384 whatever the tile config (issue 4's tuning, 1.00-1.17x the
+PR's table). Here, on the same alignment (sglang's moe_align_block_size, so each BLOCK_M rows of the
+sorted order belong to one expert):
+
+  kernel 1 (up + activation): a program owns BLOCK_M sorted rows and BLOCK_N columns of BOTH halves
+      of w13 (gate rows n, up rows N + n), loads the weight tiles through TMA descriptors, the token
+      rows by pointer gather (or TMA from a pre-gathered copy), and writes act(gate) * up straight to
+      an intermediate kept in sorted order: no [M*topk, 2N] buffer and no activation launch.
+  kernel 2 (down): the intermediate is contiguous per block, so both operands come through TMA; the
+      routing weight is applied in fp32 and each row is scattered to its (token, k) slot; the top-k
+      sum is one torch reduction.
+
+Status: correct (tests/test_moe_grouped.py under the interpreter, tests/gpu/test_moe_grouped_gpu.py on
+a GPU) but NOT YET MEASURED on a GPU and not used by any patch: the session that wrote it had no device
+time left. `benchmarks/scripts/moe_grouped_probe.py` times it against sglang's path with the shipped and
+the PR's tables; wire it into the fused-MoE hook only for the sizes where that probe shows a gain.
+
+Rounding mirrors sglang's: gate and up rounded to the activation dtype before the activation
+(intermediate_cache1), the activation output (cache2), each expert's weighted down row (cache3), the
+sum rounded once. Only the K-reduction order differs, as between sglang's own tile configs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .moe_small_batch import ACTIVATIONS, _act
+
+
+@dataclass(frozen=True)
+class GroupedParams:
+    block_m: int = 128
+    up_block_n: int = 64
+    up_block_k: int = 64
+    up_warps: int = 8
+    up_stages: int = 3
+    down_block_n: int = 128
+    down_block_k: int = 64
+    down_warps: int = 8
+    down_stages: int = 3
+    group_m: int = 8
+    a_tma: bool = False  # gather the token rows once (torch) and load them through TMA
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@triton.jit
+def _tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
+    width = GROUP_M * num_pid_n
+    group = pid // width
+    first_m = group * GROUP_M
+    size_m = tl.minimum(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % width) % size_m
+    pid_n = (pid % width) // size_m
+    return pid_m, pid_n
+
+
+@triton.jit
+def grouped_up_act_kernel(
+    x_ptr, a_desc, w1_desc, sorted_ptr, experts_ptr, npost_ptr, out_ptr,
+    num_valid, EM, K, N_HALF, stride_xm, stride_om,
+    TOPK: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr, A_TMA: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(EM, BLOCK_M)
+    num_pid_n = tl.cdiv(N_HALF, BLOCK_N)
+    pid_m, pid_n = _tile(pid, num_pid_m, num_pid_n, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(npost_ptr):
+        return
+    dt = out_ptr.dtype.element_ty
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    n_mask = offs_n[None, :] < N_HALF
+    e = tl.load(experts_ptr + pid_m)
+    if e == -1:  # expert not on this rank (EP): sglang writes zeros
+        tl.store(o_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=dt), mask=n_mask)
+        return
+    gate_row = e * 2 * N_HALF + pid_n * BLOCK_N
+    up_row = gate_row + N_HALF
+    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    tok = tl.load(sorted_ptr + rows)
+    t_mask = tok < num_valid
+    a_ptrs = x_ptr + (tok // TOPK).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+        if A_TMA:
+            a = a_desc.load([pid_m * BLOCK_M, k])
+        else:
+            a = tl.load(a_ptrs, mask=t_mask[:, None] & (k + offs_k[None, :] < K), other=0.0)
+            a_ptrs += BLOCK_K
+        bg = w1_desc.load([gate_row, k])
+        bu = w1_desc.load([up_row, k])
+        acc_g = tl.dot(a, bg.T, acc_g)
+        acc_u = tl.dot(a, bu.T, acc_u)
+    g = acc_g.to(dt).to(tl.float32)  # sglang's intermediate_cache1 is in dt
+    u = acc_u.to(dt).to(tl.float32)
+    h = _act(g, ACT) * u
+    tl.store(o_ptrs, h.to(dt), mask=n_mask)
+
+
+@triton.jit
+def grouped_down_kernel(
+    h_desc, w2_desc, sorted_ptr, experts_ptr, npost_ptr, wts_ptr, out_ptr,
+    num_valid, EM, HIDDEN, N_HALF, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STAGES: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(EM, BLOCK_M)
+    num_pid_n = tl.cdiv(HIDDEN, BLOCK_N)
+    pid_m, pid_n = _tile(pid, num_pid_m, num_pid_n, GROUP_M)
+    if pid_m * BLOCK_M >= tl.load(npost_ptr):
+        return
+    dt = out_ptr.dtype.element_ty
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    tok = tl.load(sorted_ptr + rows)
+    t_mask = tok < num_valid
+    o_ptrs = out_ptr + tok.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    o_mask = t_mask[:, None] & (offs_n[None, :] < HIDDEN)
+    e = tl.load(experts_ptr + pid_m)
+    if e == -1:
+        tl.store(o_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=dt), mask=o_mask)
+        return
+    b_row = e * HIDDEN + pid_n * BLOCK_N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in tl.range(0, N_HALF, BLOCK_K, num_stages=STAGES):
+        a = h_desc.load([pid_m * BLOCK_M, k])
+        b = w2_desc.load([b_row, k])
+        acc = tl.dot(a, b.T, acc)
+    w = tl.load(wts_ptr + tok, mask=t_mask, other=0.0)
+    acc = acc * w[:, None]
+    tl.store(o_ptrs, acc.to(dt), mask=o_mask)
+
+
+def unsupported_reason(x, w1, w2, topk_weights, topk_ids, activation) -> str | None:
+    """Why this path cannot take a call (None: it can)."""
+    if activation not in ACTIVATIONS:
+        return f"activation {activation}"
+    if x.dtype not in (torch.bfloat16, torch.float16) or w1.dtype != x.dtype or w2.dtype != x.dtype:
+        return f"dtypes {x.dtype}/{w1.dtype}/{w2.dtype}"
+    if x.dim() != 2 or w1.dim() != 3 or w2.dim() != 3 or topk_ids.dim() != 2:
+        return "shapes"
+    E, two_n, K = w1.shape
+    if two_n % 2 or x.shape[1] != K or w2.shape[0] != E or w2.shape[2] != two_n // 2:
+        return f"shapes x {tuple(x.shape)} w1 {tuple(w1.shape)} w2 {tuple(w2.shape)}"
+    if not (w1.is_contiguous() and w2.is_contiguous()):
+        return "weights not contiguous"
+    align = 16 // x.element_size()  # TMA: row strides in multiples of 16 bytes
+    if K % align or (two_n // 2) % align:
+        return f"K={K} or N={two_n // 2} not a multiple of {align}"
+    if topk_weights.shape != topk_ids.shape:
+        return "topk shapes"
+    return None
+
+
+def align_torch(topk_ids: torch.Tensor, block_m: int, num_experts: int):
+    """sglang's moe_align_block_size in torch (same outputs and layout, for CPU tests): pair indices
+    sorted by expert, each expert's run padded to block_m with the value topk_ids.numel(); experts
+    filtered out (id -1) form a run whose block is labelled -1; blocks past the end are labelled -1."""
+    flat = topk_ids.reshape(-1).long()
+    numel = flat.numel()
+    if numel < num_experts + 1:
+        max_padded = numel * block_m
+    else:
+        max_padded = numel + (num_experts + 1) * (block_m - 1)
+    runs, experts = [], []
+    for e in list(range(num_experts)) + [-1]:
+        idx = (flat == e).nonzero().flatten().to(torch.int32)
+        if idx.numel() == 0:
+            continue
+        pad = (-idx.numel()) % block_m
+        runs.append(torch.cat([idx, torch.full((pad,), numel, dtype=torch.int32)]))
+        experts += [e] * ((idx.numel() + pad) // block_m)
+    s = torch.cat(runs) if runs else torch.empty(0, dtype=torch.int32)
+    npost = s.numel()
+    s = torch.cat([s, torch.full((max_padded - npost,), numel, dtype=torch.int32)])
+    blocks = triton.cdiv(max_padded, block_m)
+    ex = torch.tensor(experts + [-1] * (blocks - len(experts)), dtype=torch.int32)
+    dev = topk_ids.device
+    return s.to(dev), ex.to(dev), torch.tensor([npost], dtype=torch.int32, device=dev)
+
+
+def _desc(t: torch.Tensor, block):
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    return TensorDescriptor.from_tensor(t, list(block))
+
+
+def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", params=GroupedParams(),
+                      align=None, routed_scaling_factor=None, out=None):
+    """x [M, K], w1 [E, 2N, K], w2 [E, K, N] (contiguous), topk [M, topk]. `align` is sglang's
+    moe_align_block_size (injected so tests can pass a torch version)."""
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    M, K = x.shape
+    E, two_n, _ = w1.shape
+    n_half = two_n // 2
+    hidden = w2.shape[1]
+    topk = topk_ids.shape[1]
+    p = params
+    sorted_ids, expert_ids, npost = (align or align_torch)(topk_ids, p.block_m, E)
+    EM = sorted_ids.numel()
+    inter = torch.empty(EM, n_half, device=x.device, dtype=x.dtype)
+    w1_desc = _desc(w1.view(E * two_n, K), (p.up_block_n, p.up_block_k))
+    if p.a_tma:
+        a = x[(sorted_ids // topk).clamp_(max=M - 1).long()]
+        a_desc = _desc(a, (p.block_m, p.up_block_k))
+    else:
+        a_desc = w1_desc  # unused
+    grid = (triton.cdiv(EM, p.block_m) * triton.cdiv(n_half, p.up_block_n),)
+    grouped_up_act_kernel[grid](
+        x, a_desc, w1_desc, sorted_ids, expert_ids, npost, inter,
+        topk_ids.numel(), EM, K, n_half, x.stride(0), inter.stride(0),
+        TOPK=topk, ACT=ACTIVATIONS[activation], BLOCK_M=p.block_m, BLOCK_N=p.up_block_n,
+        BLOCK_K=p.up_block_k, GROUP_M=p.group_m, STAGES=p.up_stages, A_TMA=p.a_tma,
+        num_warps=p.up_warps,
+    )
+    cache3 = torch.empty(M * topk, hidden, device=x.device, dtype=x.dtype)
+    h_desc = _desc(inter, (p.block_m, p.down_block_k))
+    w2_desc = _desc(w2.view(E * hidden, n_half), (p.down_block_n, p.down_block_k))
+    grid = (triton.cdiv(EM, p.block_m) * triton.cdiv(hidden, p.down_block_n),)
+    grouped_down_kernel[grid](
+        h_desc, w2_desc, sorted_ids, expert_ids, npost, topk_weights.reshape(-1).contiguous(), cache3,
+        topk_ids.numel(), EM, hidden, n_half, cache3.stride(0),
+        BLOCK_M=p.block_m, BLOCK_N=p.down_block_n, BLOCK_K=p.down_block_k, GROUP_M=p.group_m,
+        STAGES=p.down_stages, num_warps=p.down_warps,
+    )
+    y = cache3.view(M, topk, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)  # sglang's moe_sum: one rounding
+    if routed_scaling_factor is not None and routed_scaling_factor != 1.0:
+        y = (y.float() * routed_scaling_factor).to(x.dtype)
+    if out is not None:
+        out.copy_(y)
+        return out
+    return y

@@ -1,0 +1,147 @@
+"""Expert-grouped fused MoE for prefill sizes (`kernels/moe_grouped.py`, not yet used by any patch) under
+TRITON_INTERPRET=1 on tiny shapes: against a float32 reference and against sglang's rounding points
+written out in torch; the torch alignment against its contract; every argument check.
+
+fp16 here (triton 3.6's interpreter mishandles bf16 in tl.dot); bf16 on the GPU
+(tests/gpu/test_moe_grouped_gpu.py).
+"""
+
+import pytest
+import torch
+
+from sglang_gemma4_opt.kernels import moe_grouped as mg
+
+
+def _moe(M, E, N, K, topk, dtype=torch.float16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w1 = (torch.randn(E, 2 * N, K, generator=g) / K ** 0.5).to(dtype)
+    w2 = (torch.randn(E, K, N, generator=g) / N ** 0.5).to(dtype)
+    ids = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(M)]).to(torch.int32)
+    w = torch.softmax(torch.randn(M, topk, generator=g), -1)
+    return x, w1, w2, w, ids
+
+
+def reference_fp32(x, w1, w2, w, ids, act):
+    n = w1.shape[1] // 2
+    out = torch.zeros(x.shape[0], w2.shape[1])
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e < 0:
+                continue
+            h = w1[e].float() @ x[t].float()
+            f = torch.nn.functional.silu if act == "silu" else torch.nn.functional.gelu
+            out[t] += (w2[e].float() @ (f(h[:n]) * h[n:])) * float(w[t, j])
+    return out
+
+
+def sglang_rounding(x, w1, w2, w, ids, act, scale=None):
+    """sglang's rounding points: up GEMM -> dt, act_and_mul in fp32 -> dt, down x weight -> dt per expert,
+    fp32 sum -> dt, times routed_scaling_factor -> dt."""
+    dt = x.dtype
+    n = w1.shape[1] // 2
+    out = torch.zeros(x.shape[0], w2.shape[1])
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e < 0:
+                continue
+            h = (w1[e].float() @ x[t].float()).to(dt).float()
+            f = torch.nn.functional.silu if act == "silu" else torch.nn.functional.gelu
+            a = (f(h[:n]) * h[n:]).to(dt).float()
+            out[t] += ((w2[e].float() @ a) * float(w[t, j])).to(dt).float()
+    out = out.to(dt)
+    if scale is not None:
+        out = (out.float() * scale).to(dt)
+    return out
+
+
+def test_align_torch_contract():
+    """Every pair once, grouped by expert in runs padded to block_m, block labels match the run, -1 ids in
+    a run of their own labelled -1, padding value numel, sizes as sglang allocates them."""
+    g = torch.Generator().manual_seed(1)
+    E, bm = 7, 4
+    ids = torch.randint(0, E, (9, 3), generator=g).to(torch.int32)
+    ids[2, 1] = -1
+    s, ex, npost = mg.align_torch(ids, bm, E)
+    numel = ids.numel()
+    assert s.numel() == numel + (E + 1) * (bm - 1) and ex.numel() == -(-s.numel() // bm)
+    n = int(npost)
+    assert n % bm == 0
+    body = s[:n]
+    real = body[body < numel]
+    assert sorted(real.tolist()) == list(range(numel))
+    assert (s[n:] == numel).all()
+    flat = ids.reshape(-1)
+    for b in range(n // bm):
+        blk = body[b * bm:(b + 1) * bm]
+        blk = blk[blk < numel]
+        assert len(blk) > 0 and (flat[blk.long()] == ex[b]).all()
+    assert (ex[n // bm:] == -1).all()
+    assert -1 in ex[: n // bm].tolist()
+
+
+PARAMS = [
+    mg.GroupedParams(block_m=16, up_block_n=16, up_block_k=16, down_block_n=16, down_block_k=16, group_m=2),
+    mg.GroupedParams(block_m=16, up_block_n=32, up_block_k=32, down_block_n=32, down_block_k=16, group_m=1,
+                     up_stages=2, down_stages=2, a_tma=True),
+]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("M, E, N, K, topk, act, params", [
+    (5, 6, 24, 64, 3, "gelu", PARAMS[0]),  # topk 3, N not a multiple of the up block
+    (7, 4, 40, 48, 2, "silu", PARAMS[1]),  # K, N off the 32-blocks: TMA zero-fills
+    (3, 9, 16, 32, 4, "gelu", PARAMS[1]),  # more experts than pairs: empty experts
+])
+def test_kernels_match_reference_and_sglangs_rounding(M, E, N, K, topk, act, params):
+    x, w1, w2, w, ids = _moe(M, E, N, K, topk, seed=M * 11 + N)
+    ids[1, 0] = -1  # an expert filtered out (EP): contributes nothing
+    out = mg.fused_moe_grouped(x, w1, w2, w, ids, act, params=params)
+    ref = reference_fp32(x, w1, w2, w, ids, act)
+    assert out.dtype == x.dtype and out.shape == (M, K)
+    assert (out.float() - ref).abs().max() <= 1e-2 * max(1.0, float(ref.abs().max()))
+    mirror = sglang_rounding(x, w1, w2, w, ids, act)
+    assert (out.float() - mirror.float()).abs().max() <= 2 * 2 ** -10 * max(1.0, float(mirror.abs().max()))
+
+
+@pytest.mark.interpret
+def test_strided_x_int64_ids_scale_and_out():
+    M, E, N, K, topk = 4, 5, 24, 32, 2
+    x, w1, w2, w, ids = _moe(M, E, N, K, topk, seed=4)
+    big = torch.zeros(M, K + 8, dtype=torch.float16)
+    big[:, :K] = x
+    xv = big[:, :K]
+    expect = sglang_rounding(x, w1, w2, w, ids, "gelu", 1.5)
+    out = mg.fused_moe_grouped(xv, w1, w2, w, ids.long(), "gelu", params=PARAMS[0], routed_scaling_factor=1.5,
+                               out=xv)
+    assert out is xv
+    assert (xv.float() - expect.float()).abs().max() <= 2 * 2 ** -10 * max(1.0, float(expect.abs().max()))
+    assert torch.equal(big[:, K:], torch.zeros(M, 8, dtype=torch.float16))
+
+
+@pytest.mark.interpret
+def test_fresh_inputs_differ():
+    x, w1, w2, w, ids = _moe(4, 6, 16, 32, 2, seed=9)
+    a = mg.fused_moe_grouped(x, w1, w2, w, ids, "gelu", params=PARAMS[0])
+    b = mg.fused_moe_grouped(x, w1, w2, w, ids.roll(1, dims=0).contiguous(), "gelu", params=PARAMS[0])
+    assert not torch.equal(a, b)
+
+
+@pytest.mark.parametrize("change, why", [
+    (lambda a: a.update(activation="relu"), "activation"),
+    (lambda a: a.update(x=a["x"].float()), "dtypes"),
+    (lambda a: a.update(w1=a["w1"].transpose(1, 2).contiguous().transpose(1, 2)), "contiguous"),
+    (lambda a: a.update(w2=a["w2"][:, :, :20].contiguous()), "shapes"),
+    (lambda a: a.update(x=a["x"][:, :36], w1=a["w1"][:, :, :36].contiguous(),
+                        w2=a["w2"][:, :36].contiguous()), "multiple of 8"),
+    (lambda a: a.update(topk_weights=a["topk_weights"][:, :1]), "topk"),
+])
+def test_unsupported_reasons(change, why):
+    x, w1, w2, w, ids = _moe(3, 4, 24, 40, 2)
+    args = dict(x=x, w1=w1, w2=w2, topk_weights=w, topk_ids=ids, activation="gelu")
+    assert mg.unsupported_reason(**args) is None
+    change(args)
+    r = mg.unsupported_reason(**args)
+    assert r is not None and why in r, r
