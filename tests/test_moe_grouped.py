@@ -85,7 +85,7 @@ def test_align_torch_contract():
 PARAMS = [
     mg.GroupedParams(block_m=16, up_block_n=16, up_block_k=16, down_block_n=16, down_block_k=16, group_m=2),
     mg.GroupedParams(block_m=16, up_block_n=32, up_block_k=32, down_block_n=32, down_block_k=16, group_m=1,
-                     up_stages=2, down_stages=2, a_tma=True),
+                     up_stages=2, down_stages=2, a_tma=True, warp_specialize=True),
 ]
 
 

@@ -67,6 +67,8 @@ UP = {
     "u64x64w4s4": dict(up_block_n=64, up_block_k=64, up_warps=4, up_stages=4),
     "u64x64w8s3tma": dict(up_block_n=64, up_block_k=64, up_warps=8, up_stages=3, a_tma=True),
     "u128x64w8s3tma": dict(up_block_n=128, up_block_k=64, up_warps=8, up_stages=3, a_tma=True),
+    "u64x64w8s3tma_ws": dict(up_block_n=64, up_block_k=64, up_warps=8, up_stages=3, a_tma=True, warp_specialize=True),
+    "u64x64w4s3tma_ws": dict(up_block_n=64, up_block_k=64, up_warps=4, up_stages=3, a_tma=True, warp_specialize=True),
     "bm64u64x64w4s4": dict(block_m=64, up_block_n=64, up_block_k=64, up_warps=4, up_stages=4,
                            down_block_n=128, down_block_k=64, down_warps=4, down_stages=4),
 }
@@ -76,6 +78,7 @@ DOWN = {
     "d128x128w8s3": dict(down_block_n=128, down_block_k=128, down_warps=8, down_stages=3),
     "d128x64w8s4": dict(down_block_n=128, down_block_k=64, down_warps=8, down_stages=4),
     "d128x64w4s4": dict(down_block_n=128, down_block_k=64, down_warps=4, down_stages=4),
+    "d128x64w4s3ws": dict(down_block_n=128, down_block_k=64, down_warps=4, down_stages=3, warp_specialize=True),
 }
 ms = [int(m) for m in os.environ.get("PROBE_MS", "4096 2048 16384").split()]
 rows = []

@@ -48,6 +48,7 @@ class GroupedParams:
     down_stages: int = 3
     group_m: int = 8
     a_tma: bool = False  # gather the token rows once (torch) and load them through TMA
+    warp_specialize: bool = False  # Triton's automatic warp specialisation of the K loops (Hopper+)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -70,6 +71,7 @@ def grouped_up_act_kernel(
     num_valid, EM, K, N_HALF, stride_xm, stride_om,
     TOPK: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr, A_TMA: tl.constexpr,
+    WS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(EM, BLOCK_M)
@@ -94,7 +96,7 @@ def grouped_up_act_kernel(
     tok = tl.load(sorted_ptr + rows)
     t_mask = tok < num_valid
     a_ptrs = x_ptr + (tok // TOPK).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-    for k in tl.range(0, K, BLOCK_K, num_stages=STAGES):
+    for k in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
         if A_TMA:
             a = a_desc.load([pid_m * BLOCK_M, k])
         else:
@@ -115,7 +117,7 @@ def grouped_down_kernel(
     h_desc, w2_desc, sorted_ptr, experts_ptr, npost_ptr, wts_ptr, out_ptr,
     num_valid, EM, HIDDEN, N_HALF, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    STAGES: tl.constexpr,
+    STAGES: tl.constexpr, WS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(EM, BLOCK_M)
@@ -136,7 +138,7 @@ def grouped_down_kernel(
         return
     b_row = e * HIDDEN + pid_n * BLOCK_N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in tl.range(0, N_HALF, BLOCK_K, num_stages=STAGES):
+    for k in tl.range(0, N_HALF, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
         a = h_desc.load([pid_m * BLOCK_M, k])
         b = w2_desc.load([b_row, k])
         acc = tl.dot(a, b.T, acc)
@@ -226,7 +228,7 @@ def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", para
         topk_ids.numel(), EM, K, n_half, x.stride(0), inter.stride(0),
         TOPK=topk, ACT=ACTIVATIONS[activation], BLOCK_M=p.block_m, BLOCK_N=p.up_block_n,
         BLOCK_K=p.up_block_k, GROUP_M=p.group_m, STAGES=p.up_stages, A_TMA=p.a_tma,
-        num_warps=p.up_warps,
+        WS=p.warp_specialize, num_warps=p.up_warps,
     )
     cache3 = torch.empty(M * topk, hidden, device=x.device, dtype=x.dtype)
     h_desc = _desc(inter, (p.block_m, p.down_block_k))
@@ -236,7 +238,7 @@ def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", para
         h_desc, w2_desc, sorted_ids, expert_ids, npost, topk_weights.reshape(-1).contiguous(), cache3,
         topk_ids.numel(), EM, hidden, n_half, cache3.stride(0),
         BLOCK_M=p.block_m, BLOCK_N=p.down_block_n, BLOCK_K=p.down_block_k, GROUP_M=p.group_m,
-        STAGES=p.down_stages, num_warps=p.down_warps,
+        STAGES=p.down_stages, WS=p.warp_specialize, num_warps=p.down_warps,
     )
     y = cache3.view(M, topk, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)  # sglang's moe_sum: one rounding
     if routed_scaling_factor is not None and routed_scaling_factor != 1.0:
