@@ -180,14 +180,36 @@ def sweep(names, rep_ms=100):
     return results
 
 
+def parse_config(text: str) -> tuple[int, tuple]:
+    """'HD:BLOCK_M,BLOCK_N,WARPS,STAGES,TMA,DV_SPLIT' (TMA 0/1) -> (head dim, config tuple)."""
+    try:
+        hd, rest = text.split(":")
+        bm, bn, w, st, tma, dv = (int(v) for v in rest.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected HD:BLOCK_M,BLOCK_N,WARPS,STAGES,TMA,DV_SPLIT")
+    if int(hd) not in CONFIGS or tma not in (0, 1) or min(bm, bn, w, st, dv) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: head dim in {sorted(CONFIGS)}, TMA 0/1, sizes >= 1")
+    return int(hd), (bm, bn, w, st, bool(tma), dv)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=".")
     ap.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     ap.add_argument("--jobs", type=int, default=8, help="parallel compile processes (0: compile while timing)")
     ap.add_argument("--rep-ms", type=int, default=100)
+    ap.add_argument("--config", type=parse_config, action="append", default=[], metavar="HD:BM,BN,W,S,TMA,DV",
+                    help="extra launch shape to sweep, e.g. 512:128,64,8,1,0,2 (repeatable)")
+    ap.add_argument("--only-extra", action="store_true",
+                    help="sweep only the --config shapes for the head dims they name")
     args = ap.parse_args(argv)
     import torch
+
+    extra: dict[int, list] = {}
+    for hd, cfg in args.config:
+        extra.setdefault(hd, []).append(cfg)
+    for hd, cfgs in extra.items():
+        CONFIGS[hd] = cfgs if args.only_extra else CONFIGS[hd] + [c for c in cfgs if c not in CONFIGS[hd]]
 
     if args.jobs > 0:
         precompile(args.shapes, args.jobs)
