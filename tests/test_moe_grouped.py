@@ -9,6 +9,7 @@ fp16 here (triton 3.6's interpreter mishandles bf16 in tl.dot); bf16 on the GPU
 import pytest
 import torch
 
+from _moe_torch import moe_torch
 from sglang_gemma4_opt.kernels import moe_grouped as mg
 
 
@@ -23,38 +24,11 @@ def _moe(M, E, N, K, topk, dtype=torch.float16, seed=0):
 
 
 def reference_fp32(x, w1, w2, w, ids, act):
-    n = w1.shape[1] // 2
-    out = torch.zeros(x.shape[0], w2.shape[1])
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if e < 0:
-                continue
-            h = w1[e].float() @ x[t].float()
-            f = torch.nn.functional.silu if act == "silu" else torch.nn.functional.gelu
-            out[t] += (w2[e].float() @ (f(h[:n]) * h[n:])) * float(w[t, j])
-    return out
+    return moe_torch(x, w1, w2, w, ids, act, sglang_rounding=False)
 
 
 def sglang_rounding(x, w1, w2, w, ids, act, scale=None):
-    """sglang's rounding points: up GEMM -> dt, act_and_mul in fp32 -> dt, down x weight -> dt per expert,
-    fp32 sum -> dt, times routed_scaling_factor -> dt."""
-    dt = x.dtype
-    n = w1.shape[1] // 2
-    out = torch.zeros(x.shape[0], w2.shape[1])
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if e < 0:
-                continue
-            h = (w1[e].float() @ x[t].float()).to(dt).float()
-            f = torch.nn.functional.silu if act == "silu" else torch.nn.functional.gelu
-            a = (f(h[:n]) * h[n:]).to(dt).float()
-            out[t] += ((w2[e].float() @ a) * float(w[t, j])).to(dt).float()
-    out = out.to(dt)
-    if scale is not None:
-        out = (out.float() * scale).to(dt)
-    return out
+    return moe_torch(x, w1, w2, w, ids, act, scale)
 
 
 def test_align_torch_contract():

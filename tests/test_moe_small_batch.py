@@ -12,6 +12,7 @@ import json
 import pytest
 import torch
 
+from _moe_torch import moe_torch
 from sglang_gemma4_opt.kernels import moe_small_batch as km
 from sglang_gemma4_opt.patches import moe_small_batch as pm
 
@@ -273,25 +274,8 @@ def test_tuner_table_stops_at_the_first_size_without_a_gain():
 
 
 def sglang_path(x, w1, w2, w, ids, activation, scale=None):
-    """sglang's rounding points in torch: up GEMM -> dt, act_and_mul in fp32 -> dt, down GEMM x weight -> dt
-    per expert, fp32 sum over experts -> dt, times routed_scaling_factor -> dt."""
-    dt = x.dtype
-    n = w1.shape[1] // 2
-    out = torch.zeros(x.shape[0], w2.shape[1])
-    for t in range(x.shape[0]):
-        for j in range(ids.shape[1]):
-            e = int(ids[t, j])
-            if e < 0:
-                continue
-            h = (w1[e].float() @ x[t].float()).to(dt).float()
-            g, u = h[:n], h[n:]
-            a = (torch.nn.functional.silu(g) if activation == "silu" else torch.nn.functional.gelu(g)) * u
-            y = (w2[e].float() @ a.to(dt).float()) * float(w[t, j])
-            out[t] += y.to(dt).float()
-    out = out.to(dt)
-    if scale is not None:
-        out = (out.float() * scale).to(dt)
-    return out
+    """sglang's rounding points in torch (tests/_moe_torch.py)."""
+    return moe_torch(x, w1, w2, w, ids, activation, scale)
 
 
 CASES = [

@@ -7,46 +7,23 @@ replay (bench.common.time_variants), random top-8 routing, output compared with 
 The first M sweeps the up-kernel shapes (UP) with one down shape; later Ms sweep the down shapes (DOWN)
 under the best up shape. Decide from its rows whether (and from which M) the grouped path is wired into
 the fused-MoE hook; a table of its launch shapes per GPU would then come from a tuner like tune_moe_small."""
-import contextlib, functools, importlib, json, os, sys, time, traceback
+import json, os, traceback
+from pathlib import Path
 import torch
-from sglang_gemma4_opt.bench.common import ensure_server_args, time_variants
+from sglang_gemma4_opt.bench.common import side_by_side, time_variants
 from sglang_gemma4_opt.bench import fused_moe as fm
-from sglang_gemma4_opt.patches.moe_configs import load_table, CONFIG_ROOT
+from sglang_gemma4_opt.patches.moe_configs import CONFIG_ROOT
 from sglang_gemma4_opt.kernels import moe_grouped as mg
-from sglang.srt.layers.moe.moe_runner.triton_utils.moe_align_block_size import moe_align_block_size
 
-ensure_server_args()
+sbs = side_by_side()
 OUT = os.environ.get("OUT", ".")
 N = int(os.environ.get("PROBE_N", "704"))
-dev = torch.cuda.get_device_name().replace(" ", "_")
-root = CONFIG_ROOT / "triton_3_6_0"
-up = load_table(root / f"E=128,N={N},device_name={dev}.json")
-down = load_table(root / f"E=128,N={N},device_name={dev}_down.json")
-pr_dir = "benchmarks/baselines/pr26588/triton_3_6_0"
-pr = None
-if os.path.exists(os.path.join(pr_dir, f"E=128,N={N},device_name={dev}.json")):
-    pr = (load_table(os.path.join(pr_dir, f"E=128,N={N},device_name={dev}.json")),
-          load_table(os.path.join(pr_dir, f"E=128,N={N},device_name={dev}_down.json")))
-cfg_mod = importlib.import_module(fm.MODULE_CFG)
-state = {}
+PR_ROOT = Path("benchmarks/baselines/pr26588")
 
 
-def lookup(E, N_, dtype, block_n=0, block_k=0, per_channel_quant=False, down_moe=False):
-    t = state["down" if down_moe else "up"]
-    return {k: dict(v) for k, v in t.items()}
-
-
-cfg_mod.get_moe_configs = lookup
-
-
-@contextlib.contextmanager
-def serving(tables):
-    state["up"], state["down"] = tables
-    yield
-
-
-def nearest(table, M):
-    return dict(table[min(table, key=lambda k: abs(k - M))])
+def serving(folder):
+    """Context factory: sglang's own fused_experts_impl (not the plugin hook) with the tables in `folder`."""
+    return lambda: fm._both(sbs, fm.use_tables(sbs, folder), "stock")
 
 
 fe = fm.fused_experts_fn()
@@ -56,7 +33,7 @@ P = mg.GroupedParams
 
 
 def grouped(x, tw, ids, p):
-    return mg.fused_moe_grouped(x, w.w13, w.w2, tw, ids, "gelu", params=p, align=moe_align_block_size)
+    return mg.fused_moe_grouped(x, w.w13, w.w2, tw, ids, "gelu", params=p)
 
 
 UP = {
@@ -82,19 +59,19 @@ DOWN = {
 }
 ms = [int(m) for m in os.environ.get("PROBE_MS", "4096 2048 16384").split()]
 rows = []
-best_up, best_down = None, None
+best_up = None
+shipped, pr = serving(CONFIG_ROOT), serving(PR_ROOT) if PR_ROOT.is_dir() else None
 for M in ms:
     x = torch.randn(M, 2816, device="cuda", dtype=torch.bfloat16)
     tw, ids = fm.random_routing(M)
     calls = 4 if M <= 4096 else 2
     routes = [fm.random_routing(M) for _ in range(calls)]
-    tabs = ({M: nearest(up, M)}, {M: nearest(down, M)})
-    with serving(tabs):
+    with shipped():
         y_stock = fe(x, w.w13, w.w2, fm.topk_output(tw, ids), rcfg).clone()
     run = lambda i: fe(x, w.w13, w.w2, fm.topk_output(*routes[i % calls]), rcfg)  # noqa: E731
-    variants = {"shipped": (run, functools.partial(serving, tabs))}
+    variants = {"shipped": (run, shipped)}
     if pr is not None:
-        variants["pr"] = (run, functools.partial(serving, ({M: nearest(pr[0], M)}, {M: nearest(pr[1], M)})))
+        variants["pr"] = (run, pr)
     row = {"M": M}
     if best_up is None:
         cands = {k: dict(v) for k, v in UP.items()}

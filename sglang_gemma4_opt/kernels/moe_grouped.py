@@ -195,6 +195,12 @@ def align_torch(topk_ids: torch.Tensor, block_m: int, num_experts: int):
     return s.to(dev), ex.to(dev), torch.tensor([npost], dtype=torch.int32, device=dev)
 
 
+def _sglang_align():
+    from sglang.srt.layers.moe.moe_runner.triton_utils.moe_align_block_size import moe_align_block_size
+
+    return moe_align_block_size
+
+
 def _desc(t: torch.Tensor, block):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -203,8 +209,8 @@ def _desc(t: torch.Tensor, block):
 
 def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", params=GroupedParams(),
                       align=None, routed_scaling_factor=None, out=None):
-    """x [M, K], w1 [E, 2N, K], w2 [E, K, N] (contiguous), topk [M, topk]. `align` is sglang's
-    moe_align_block_size (injected so tests can pass a torch version)."""
+    """x [M, K], w1 [E, 2N, K], w2 [E, K, N] (contiguous), topk [M, topk]. `align`: default sglang's
+    moe_align_block_size on CUDA, `align_torch` elsewhere (CPU tests under the interpreter)."""
     if x.stride(-1) != 1:
         x = x.contiguous()
     M, K = x.shape
@@ -213,7 +219,9 @@ def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", para
     hidden = w2.shape[1]
     topk = topk_ids.shape[1]
     p = params
-    sorted_ids, expert_ids, npost = (align or align_torch)(topk_ids, p.block_m, E)
+    if align is None:
+        align = _sglang_align() if x.is_cuda else align_torch
+    sorted_ids, expert_ids, npost = align(topk_ids, p.block_m, E)
     EM = sorted_ids.numel()
     inter = torch.empty(EM, n_half, device=x.device, dtype=x.dtype)
     w1_desc = _desc(w1.view(E * two_n, K), (p.up_block_n, p.up_block_k))

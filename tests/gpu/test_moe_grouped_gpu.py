@@ -1,5 +1,6 @@
 """The expert-grouped fused MoE (`kernels/moe_grouped.py`, prefill sizes, not yet used by any patch) on the
-GPU, bf16, Gemma4's shapes (E=128, K=2816, top-8, N=704 and 352), with sglang's own moe_align_block_size:
+GPU, bf16, Gemma4's shapes (E=128, K=2816, top-8, N=704 and 352), with sglang's own moe_align_block_size
+(the kernel's default on CUDA):
 against a float32 reference and no worse than sglang's kernel sequence on the same inputs; both ways of
 loading the token rows; filtered experts; CUDA-graph capture and replay.
 
@@ -25,12 +26,6 @@ def _server_args():
     ensure_server_args()
 
 
-def _align():
-    from sglang.srt.layers.moe.moe_runner.triton_utils.moe_align_block_size import moe_align_block_size
-
-    return moe_align_block_size
-
-
 def _inputs(M, N, seed):
     g = torch.Generator(device="cuda").manual_seed(seed)
     x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g)
@@ -50,7 +45,7 @@ def test_against_reference_and_sglang(M, N, a_tma):
     x, w13, w2, w, ids = _inputs(M, N, seed=M + N)
     ids[3, 2] = -1  # filtered expert
     p = mg.GroupedParams(a_tma=a_tma)
-    out = mg.fused_moe_grouped(x, w13, w2, w, ids, "gelu", params=p, align=_align())
+    out = mg.fused_moe_grouped(x, w13, w2, w, ids, "gelu", params=p)
     stock = stock_impl()(x, w13, w2, w, ids, activation="gelu", inplace=False)
     keep = ids >= 0
     ref = moe_reference(x, w13, w2, w * keep, ids.clamp(min=0))
@@ -67,15 +62,14 @@ def test_cuda_graph_replay_follows_new_routing():
 
     M, N = 512, 704
     x, w13, w2, w, ids = _inputs(M, N, seed=1)
-    align = _align()
     p = mg.GroupedParams()
-    mg.fused_moe_grouped(x, w13, w2, w, ids, "gelu", params=p, align=align)  # compile outside the capture
+    mg.fused_moe_grouped(x, w13, w2, w, ids, "gelu", params=p)  # compile outside the capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        out = mg.fused_moe_grouped(x, w13, w2, w, ids, "gelu", params=p, align=align)
+        out = mg.fused_moe_grouped(x, w13, w2, w, ids, "gelu", params=p)
     x2, _, _, w2r, ids2 = _inputs(M, N, seed=2)
     x.copy_(x2), w.copy_(w2r), ids.copy_(ids2)
     g.replay()
     torch.cuda.synchronize()
-    expect = mg.fused_moe_grouped(x2, w13, w2, w2r, ids2, "gelu", params=p, align=align)
+    expect = mg.fused_moe_grouped(x2, w13, w2, w2r, ids2, "gelu", params=p)
     assert torch.equal(out, expect)

@@ -1,0 +1,28 @@
+"""A per-pair torch MoE for the CPU kernel tests (Gemma4-style gated experts), in float32 or with sglang's
+rounding points: up GEMM -> dt, act_and_mul in fp32 -> dt, down GEMM x routing weight -> dt per expert,
+fp32 sum over the experts -> dt, times routed_scaling_factor -> dt. Expert id -1 contributes nothing."""
+
+import torch
+
+ACTS = {"silu": torch.nn.functional.silu, "gelu": torch.nn.functional.gelu}
+
+
+def moe_torch(x, w1, w2, w, ids, activation, scale=None, sglang_rounding=True):
+    dt = x.dtype
+    r = (lambda t: t.to(dt).float()) if sglang_rounding else (lambda t: t)
+    n = w1.shape[1] // 2
+    out = torch.zeros(x.shape[0], w2.shape[1])
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e < 0:
+                continue
+            h = r(w1[e].float() @ x[t].float())
+            a = r(ACTS[activation](h[:n]) * h[n:])
+            out[t] += r((w2[e].float() @ a) * float(w[t, j]))
+    if not sglang_rounding:
+        return out if scale is None else out * scale
+    out = out.to(dt)
+    if scale is not None:
+        out = (out.float() * scale).to(dt)
+    return out
