@@ -140,6 +140,8 @@ def test_default_pairs():
     assert e2e.resolve_pairs(["no-attn", "on"], None) == [("no-attn", "on")]
     assert e2e.resolve_pairs(["off", "no-small-moe", "on"], None) == [
         ("off", "no-small-moe"), ("off", "on"), ("no-small-moe", "on")]
+    assert e2e.resolve_pairs(["on-pr-moe", "no-grouped-moe", "on"], None) == [
+        ("on-pr-moe", "on"), ("no-grouped-moe", "on")]
     assert e2e.resolve_pairs(["pr", "on"], None) == [("pr", "on")]  # none of the rules: first vs the rest
     assert e2e.resolve_pairs(["on"], None) == []
     assert e2e.resolve_pairs(["off", "pr", "on"], ["pr:on", "off:on", "pr:on"]) == [("pr", "on"), ("off", "on")]
@@ -166,6 +168,7 @@ def test_mode_env():
     assert (e2e.mode_env("pr", {}, "/pr")["SGLANG_GEMMA4_OPT_DISABLE"]
             == "extend_attention_kernel,moe_configs,moe_small_batch")
     assert e2e.mode_env("no-small-moe", {}, None)["SGLANG_GEMMA4_OPT_DISABLE"] == "moe_small_batch"
+    assert e2e.mode_env("no-grouped-moe", {}, None)["SGLANG_GEMMA4_OPT_DISABLE"] == "moe_grouped"
     with pytest.raises(ValueError):
         e2e.mode_env("pr", {}, None)
     env = e2e.apply_env({"SGLANG_GEMMA4_OPT_DISABLE": "qkv_rmsnorm", "X": "1"}, e2e.mode_env("on", {}, None))

@@ -60,6 +60,8 @@ PARAMS = [
     mg.GroupedParams(block_m=16, up_block_n=16, up_block_k=16, down_block_n=16, down_block_k=16, group_m=2),
     mg.GroupedParams(block_m=16, up_block_n=32, up_block_k=32, down_block_n=32, down_block_k=16, group_m=1,
                      up_stages=2, down_stages=2, a_tma=True, warp_specialize=True),
+    mg.GroupedParams(block_m=16, up_block_n=32, up_block_k=16, down_block_n=32, down_block_k=16, group_m=2,
+                     swap_ab=True),
 ]
 
 
@@ -68,6 +70,8 @@ PARAMS = [
     (5, 6, 24, 64, 3, "gelu", PARAMS[0]),  # topk 3, N not a multiple of the up block
     (7, 4, 40, 48, 2, "silu", PARAMS[1]),  # K, N off the 32-blocks: TMA zero-fills
     (3, 9, 16, 32, 4, "gelu", PARAMS[1]),  # more experts than pairs: empty experts
+    (6, 5, 40, 48, 3, "gelu", PARAMS[2]),  # swapped operands: weight rows as the MMA's M side
+    (4, 9, 16, 32, 2, "silu", PARAMS[2]),
 ])
 def test_kernels_match_reference_and_sglangs_rounding(M, E, N, K, topk, act, params):
     x, w1, w2, w, ids = _moe(M, E, N, K, topk, seed=M * 11 + N)
@@ -93,6 +97,33 @@ def test_strided_x_int64_ids_scale_and_out():
     assert out is xv
     assert (xv.float() - expect.float()).abs().max() <= 2 * 2 ** -10 * max(1.0, float(expect.abs().max()))
     assert torch.equal(big[:, K:], torch.zeros(M, 8, dtype=torch.float16))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("M, topk, H, block_h, rows, scale", [
+    (5, 3, 40, 16, 2, None),  # H off the block, M off the rows per program
+    (3, 8, 32, 32, 1, 2.5),  # routed scaling after the rounded sum
+])
+def test_topk_sum_is_one_fp32_sum_rounded_once(M, topk, H, block_h, rows, scale):
+    g = torch.Generator().manual_seed(M * topk)
+    c3 = (torch.randn(M * topk, H, generator=g) * 4).to(torch.float16)
+    big = torch.full((M, H + 5), 7.0, dtype=torch.float16)
+    out = big[:, 2:H + 2]  # strided rows
+    mg.topk_sum(c3, M, topk, out, scale, block_h=block_h, rows=rows)
+    expect = c3.view(M, topk, H).float().sum(1).to(torch.float16)
+    if scale is not None:
+        expect = (expect.float() * scale).to(torch.float16)
+    assert torch.equal(out, expect)
+    assert (big[:, :2] == 7).all() and (big[:, H + 2:] == 7).all()
+
+
+@pytest.mark.interpret
+def test_torch_sum_option_matches_kernel_sum():
+    x, w1, w2, w, ids = _moe(6, 5, 24, 32, 3, seed=3)
+    a = mg.fused_moe_grouped(x, w1, w2, w, ids, "gelu", params=PARAMS[0])
+    b = mg.fused_moe_grouped(x, w1, w2, w, ids, "gelu", params=mg.GroupedParams(**dict(PARAMS[0].as_dict(),
+                                                                                      torch_sum=True)))
+    assert torch.equal(a, b)
 
 
 @pytest.mark.interpret

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from _moe_torch import moe_torch
+from sglang_gemma4_opt.kernels import moe_grouped as kg
 from sglang_gemma4_opt.kernels import moe_small_batch as km
 from sglang_gemma4_opt.patches import moe_small_batch as pm
 
@@ -167,7 +168,7 @@ def test_kernel_error_falls_back_and_logs_once(on_gpu, monkeypatch, caplog):
     with caplog.at_level("WARNING", logger="sglang_gemma4_opt"):
         assert hook(lambda *a, **k: "theirs", **_call(*_moe())) == "theirs"
         assert hook(lambda *a, **k: "theirs", **_call(*_moe())) == "theirs"
-    assert sum("moe_small_batch fell back" in r.getMessage() for r in caplog.records) == 1
+    assert sum("fell back to sglang's path" in r.getMessage() for r in caplog.records) == 1
 
 
 def test_routing_error_falls_back(on_gpu, monkeypatch):
@@ -351,3 +352,117 @@ def test_bench_labels_the_path_each_size_takes(monkeypatch):
     assert [bfm.small_batch_path(sbs, m, wts) for m in (1, max_m, max_m + 1)] == [True, True, False]
     sbs.applied = lambda k: False
     assert not bfm.small_batch_path(sbs, 1, wts)
+
+
+# ---------------------------------------------------------------------------------------------
+# the prefill (expert-grouped) path in the same hook
+
+GP = kg.GroupedParams(block_m=16, up_block_n=16, up_block_k=16, down_block_n=16, down_block_k=16, group_m=2)
+
+
+def _gtable(min_m=6, key=None, params=GP):
+    key = key or km.shape_key(6, 40, 48, 4, torch.float16)
+    return {GPU: {key: (min_m, {8: params, 64: params})}}
+
+
+@pytest.fixture
+def hooked_both(on_gpu, monkeypatch):
+    went = []
+    monkeypatch.setattr(km, "fused_moe_small_batch", lambda *a, **k: went.append(("small", k)) or "small")
+    monkeypatch.setattr(kg, "fused_moe_grouped", lambda *a, **k: went.append(("grouped", k)) or "grouped")
+    monkeypatch.delenv("SGLANG_GEMMA4_OPT_DISABLE", raising=False)
+
+    def original(*args, **kwargs):
+        went.append(("stock", None))
+        return "theirs"
+
+    hook = pm.make_hook(_signature(), {}, _table(M_max=2), _gtable())
+    return (lambda *a, **k: hook(original, *a, **k)), went
+
+
+def test_batch_size_picks_the_path(hooked_both, monkeypatch):
+    fn, went = hooked_both
+    assert fn(**_call(*_moe(M=2))) == "small"
+    assert fn(**_call(*_moe(M=7))) == "grouped"
+    assert fn(**_call(*_moe(M=300), inplace=True)) == "grouped"  # above every tuned M: the nearest entry
+    assert went[1][1]["params"] == GP and went[2][1]["out"] is not None
+    # between the tables: straight to sglang, no routing at all
+    monkeypatch.setattr(pm, "route", lambda *a, **k: pytest.fail("route() ran"))
+    monkeypatch.setattr(pm, "route_grouped", lambda *a, **k: pytest.fail("route_grouped() ran"))
+    assert fn(**_call(*_moe(M=3))) == "theirs" and fn(**_call(*_moe(M=5))) == "theirs"
+
+
+@pytest.mark.parametrize("over, why", [
+    ({"use_fp8_w8a8": True}, "use_fp8_w8a8"), ({"activation": "relu2"}, "activation"),
+    ({"is_gated": False}, "not gated"), ({"no_combine": True}, "no_combine"),
+])
+def test_grouped_unsupported_calls_go_to_sglang(hooked_both, over, why):
+    fn, went = hooked_both
+    call = _call(*_moe(M=7), **over)
+    params, reason = pm.route_grouped(call, {}, _gtable())
+    assert params is None and why in reason
+    assert fn(**call) == "theirs" and went == [("stock", None)]
+
+
+def test_grouped_route_checks_weight_layout_and_table(on_gpu):
+    x, w1, w2, w, ids = _moe(M=7)
+    t = _gtable()
+    assert pm.route_grouped(_call(x, w1, w2, w, ids), {}, t)[0] == GP
+    # TMA descriptors need contiguous weights (sglang's are); a transposed view: sglang
+    wt = w1.transpose(1, 2).contiguous().transpose(1, 2)
+    assert "contiguous" in pm.route_grouped(_call(x, wt, w2, w, ids), {}, t)[1]
+    assert "not in this GPU's table" in pm.route_grouped(_call(*_moe(M=5)), {}, t)[1]  # below min_m
+    assert "not in this GPU's table" in pm.route_grouped(_call(*_moe(M=7, N=24)), {}, t)[1]
+
+
+def test_grouped_switch_and_deterministic_mode(on_gpu, monkeypatch):
+    monkeypatch.setattr(kg, "fused_moe_grouped", lambda *a, **k: "grouped")
+    monkeypatch.setenv("SGLANG_GEMMA4_OPT_DISABLE", "moe_grouped")
+    hook = pm.make_hook(_signature(), {}, _table(M_max=2), _gtable())
+    assert hook(lambda *a, **k: "theirs", **_call(*_moe(M=7))) == "theirs"
+    monkeypatch.delenv("SGLANG_GEMMA4_OPT_DISABLE")
+    hook = pm.make_hook(_signature(), {}, _table(M_max=2), _gtable())
+    assert hook(lambda *a, **k: "theirs", **_call(*_moe(M=7))) == "grouped"
+    monkeypatch.setattr(pm, "sglang_deterministic", lambda: True)
+    assert hook(lambda *a, **k: "theirs", **_call(*_moe(M=7))) == "theirs"
+
+
+def test_grouped_kernel_error_falls_back(on_gpu, monkeypatch):
+    monkeypatch.setattr(kg, "fused_moe_grouped", lambda *a, **k: 1 / 0)
+    hook = pm.make_hook(_signature(), {}, _table(M_max=2), _gtable())
+    assert hook(lambda *a, **k: "theirs", **_call(*_moe(M=7))) == "theirs"
+
+
+def test_broken_grouped_table_keeps_decode_path(on_gpu, monkeypatch, caplog):
+    def broken():
+        raise ValueError("bad entry")
+
+    monkeypatch.setattr(kg, "load_table", broken)
+    monkeypatch.setattr(km, "fused_moe_small_batch", lambda *a, **k: "small")
+    with caplog.at_level("WARNING", logger="sglang_gemma4_opt"):
+        hook = pm.make_hook(_signature(), {}, _table(M_max=2))
+    assert any("moe_grouped table does not load" in r.getMessage() for r in caplog.records)
+    assert hook(lambda *a, **k: "theirs", **_call(*_moe(M=2))) == "small"
+    assert hook(lambda *a, **k: "theirs", **_call(*_moe(M=7))) == "theirs"
+
+
+@pytest.mark.interpret
+def test_hooked_grouped_call_runs_the_kernels(on_gpu, monkeypatch):
+    """Through the hook with the real kernels (interpreter, fp16): sglang's rounding points within 2 ulp."""
+    monkeypatch.delenv("SGLANG_GEMMA4_OPT_DISABLE", raising=False)
+    x, w1, w2, w, ids = _moe(M=9, seed=5)
+    hook = pm.make_hook(_signature(), {}, _table(M_max=2), _gtable())
+    out = hook(lambda *a, **k: pytest.fail("sglang's path ran"), **_call(x, w1, w2, w, ids, routed_scaling_factor=1.5))
+    expect = moe_torch(x, w1, w2, w, ids, "gelu", 1.5)
+    assert (out.float() - expect.float()).abs().max() <= 2 * 2 ** -10 * max(1.0, float(expect.abs().max()))
+
+
+def test_shipped_grouped_table_loads_and_is_sane():
+    t = kg.load_table()
+    assert km.shape_key(128, 704, 2816, 8, torch.bfloat16) in t["NVIDIA H200"]
+    for gpu, shapes in t.items():
+        for key, (min_m, by_m) in shapes.items():
+            assert key in {km.shape_key(128, n, 2816, 8, torch.bfloat16) for n in (704, 352)}, key
+            assert min_m >= 256 and min_m in by_m  # prefill sizes only: the decode table covers the rest
+            for p in by_m.values():
+                assert p.up_block_n % 16 == 0 and p.block_m in (16, 32, 64, 128, 256)

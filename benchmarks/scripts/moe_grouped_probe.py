@@ -1,11 +1,11 @@
-"""GPU probe (not run yet): the expert-grouped MoE (sglang_gemma4_opt/kernels/moe_grouped.py) against
+"""GPU probe: the expert-grouped MoE (sglang_gemma4_opt/kernels/moe_grouped.py) against
 sglang's fused_experts with the plugin's shipped tables and with the PR's tables, whole MoE, CUDA-graph
 replay (bench.common.time_variants), random top-8 routing, output compared with sglang's.
 
   PROBE_MS="4096 2048 16384" PROBE_N=704 python -u benchmarks/scripts/moe_grouped_probe.py   # writes $OUT/grouped_probe_N704.json
 
-The first M sweeps the up-kernel shapes (UP) with one down shape; later Ms sweep the down shapes (DOWN)
-under the best up shape. Decide from its rows whether (and from which M) the grouped path is wired into
+Every M times every candidate in CANDS (PROBE_ONLY=a,b keeps the names containing a or b), plus
+pieces for scale: cuBLAS on dense operands of the same FLOPs, sglang's align, the top-k sum. Decide from its rows whether (and from which M) the grouped path is wired into
 the fused-MoE hook; a table of its launch shapes per GPU would then come from a tuner like tune_moe_small."""
 import json, os, traceback
 from pathlib import Path
@@ -36,35 +36,37 @@ def grouped(x, tw, ids, p):
     return mg.fused_moe_grouped(x, w.w13, w.w2, tw, ids, "gelu", params=p)
 
 
-UP = {
-    "u64x64w8s3": dict(up_block_n=64, up_block_k=64, up_warps=8, up_stages=3),
-    "u64x64w8s4": dict(up_block_n=64, up_block_k=64, up_warps=8, up_stages=4),
-    "u128x64w8s3": dict(up_block_n=128, up_block_k=64, up_warps=8, up_stages=3),
-    "u64x128w8s3": dict(up_block_n=64, up_block_k=128, up_warps=8, up_stages=3),
-    "u64x64w4s4": dict(up_block_n=64, up_block_k=64, up_warps=4, up_stages=4),
-    "u64x64w8s3tma": dict(up_block_n=64, up_block_k=64, up_warps=8, up_stages=3, a_tma=True),
-    "u128x64w8s3tma": dict(up_block_n=128, up_block_k=64, up_warps=8, up_stages=3, a_tma=True),
-    "u64x64w8s3tma_ws": dict(up_block_n=64, up_block_k=64, up_warps=8, up_stages=3, a_tma=True, warp_specialize=True),
-    "u64x64w4s3tma_ws": dict(up_block_n=64, up_block_k=64, up_warps=4, up_stages=3, a_tma=True, warp_specialize=True),
-    "bm64u64x64w4s4": dict(block_m=64, up_block_n=64, up_block_k=64, up_warps=4, up_stages=4,
-                           down_block_n=128, down_block_k=64, down_warps=4, down_stages=4),
+def _p(bm, un, uk, uw, us, dn, dk, dw, ds, **kw):
+    return dict(block_m=bm, up_block_n=un, up_block_k=uk, up_warps=uw, up_stages=us,
+                down_block_n=dn, down_block_k=dk, down_warps=dw, down_stages=ds, **kw)
+
+
+# name -> GroupedParams fields
+CANDS = {
+    # session 6, first H200 sweep: best at M=2048/4096 (s4) and 16384 (s3) with torch's top-k sum
+    "bm128_u128x64w8s4_d256x64w8s4_torchsum": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, torch_sum=True),
+    "bm128_u128x64w8s4_d256x64w8s4": _p(128, 128, 64, 8, 4, 256, 64, 8, 4),
+    "bm128_u128x64w8s3_d256x64w8s3": _p(128, 128, 64, 8, 3, 256, 64, 8, 3),
+    "bm128_u128x128w8s2_d256x128w8s2": _p(128, 128, 128, 8, 2, 256, 128, 8, 2),
+    "bm128_u128x64w8s4_d256x128w8s2": _p(128, 128, 64, 8, 4, 256, 128, 8, 2),
+    "bm128_u128x64w8s4_d128x64w8s4": _p(128, 128, 64, 8, 4, 128, 64, 8, 4),
+    "bm128_u128x64w8s4_d256x64w8s4_g4": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, group_m=4),
+    "bm128_u128x64w8s4_d256x64w8s4_g16": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, group_m=16),
+    "bm128_u128x64w8s4_d256x64w8s4_sum512": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, sum_block_h=512),
+    "bm128_u128x64w8s4_d256x64w8s4_sum2048": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, sum_block_h=2048),
+    "swap_t64_w64x64w4s4_h128x64w4s4": _p(64, 64, 64, 4, 4, 128, 64, 4, 4, swap_ab=True),
+    "swap_t128_w128x64w8s3_h256x64w8s3": _p(128, 128, 64, 8, 3, 256, 64, 8, 3, swap_ab=True),
 }
-DOWN = {
-    "d128x64w8s3": dict(down_block_n=128, down_block_k=64, down_warps=8, down_stages=3),
-    "d256x64w8s3": dict(down_block_n=256, down_block_k=64, down_warps=8, down_stages=3),
-    "d128x128w8s3": dict(down_block_n=128, down_block_k=128, down_warps=8, down_stages=3),
-    "d128x64w8s4": dict(down_block_n=128, down_block_k=64, down_warps=8, down_stages=4),
-    "d128x64w4s4": dict(down_block_n=128, down_block_k=64, down_warps=4, down_stages=4),
-    "d128x64w4s3ws": dict(down_block_n=128, down_block_k=64, down_warps=4, down_stages=3, warp_specialize=True),
-}
+only = os.environ.get("PROBE_ONLY")
+if only:
+    CANDS = {k: v for k, v in CANDS.items() if any(o in k for o in only.split(","))}
 ms = [int(m) for m in os.environ.get("PROBE_MS", "4096 2048 16384").split()]
 rows = []
-best_up = None
 shipped, pr = serving(CONFIG_ROOT), serving(PR_ROOT) if PR_ROOT.is_dir() else None
 for M in ms:
     x = torch.randn(M, 2816, device="cuda", dtype=torch.bfloat16)
     tw, ids = fm.random_routing(M)
-    calls = 4 if M <= 4096 else 2
+    calls = 4 if M <= 4096 else 2 if M <= 16384 else 1
     routes = [fm.random_routing(M) for _ in range(calls)]
     with shipped():
         y_stock = fe(x, w.w13, w.w2, fm.topk_output(tw, ids), rcfg).clone()
@@ -72,14 +74,19 @@ for M in ms:
     variants = {"shipped": (run, shipped)}
     if pr is not None:
         variants["pr"] = (run, pr)
+    # ceilings and pieces: cuBLAS on dense operands of the same FLOPs, sglang's align, the top-k sum
+    a_up = torch.randn(M * 8, 2816, device="cuda", dtype=torch.bfloat16)
+    a_dn = torch.randn(M * 8, N, device="cuda", dtype=torch.bfloat16)
+    w_up = w.w13[0].new_empty(2 * N, 2816).normal_()
+    w_dn = w.w13[0].new_empty(2816, N).normal_()
+    c3 = torch.randn(M * 8, 2816, device="cuda", dtype=torch.bfloat16)
+    al = mg._sglang_align()
+    variants["piece_cublas_up_dense"] = (lambda i: a_up @ w_up.T, None)
+    variants["piece_cublas_down_dense"] = (lambda i: a_dn @ w_dn.T, None)
+    variants["piece_align_bm64"] = (lambda i: al(routes[i % calls][1], 64, 128), None)
+    variants["piece_topk_sum"] = (lambda i: c3.view(M, 8, 2816).sum(1, dtype=torch.float32).to(torch.bfloat16), None)
     row = {"M": M}
-    if best_up is None:
-        cands = {k: dict(v) for k, v in UP.items()}
-    else:
-        cands = {best_up: dict(UP[best_up])}
-        for dk, dv in DOWN.items():
-            cands[best_up + "+" + dk] = dict(UP[best_up], **dv)
-    for name, kw in cands.items():
+    for name, kw in CANDS.items():
         p = P(**kw)
         try:
             y = grouped(x, tw, ids, p)
@@ -88,18 +95,16 @@ for M in ms:
             row[name + "_maxabs_vs_stock"] = float((y.float() - y_stock.float()).abs().max())
         except Exception as e:  # noqa
             row[name + "_error"] = repr(e)[:300]
-            traceback.print_exc()
+            print(name, "failed:", repr(e)[:300], flush=True)
             continue
         variants[name] = ((lambda p: (lambda i: grouped(x, *routes[i % calls], p)))(p), None)
     t = time_variants(variants, calls=calls, rounds=3, budget_s=0.3)
     for n, tm in t.items():
         row[n + "_us"] = round(tm.median_us, 2)
-    g = {n: tm.median_us for n, tm in t.items() if n not in ("shipped", "pr")}
-    if best_up is None and g:
-        best_up = min(g, key=g.get)
+    g = {n: tm.median_us for n, tm in t.items() if n not in ("shipped", "pr") and not n.startswith("piece_")}
     row["best"] = min(g, key=g.get) if g else None
     row["flops"] = 2 * M * 8 * 3 * N * 2816
-    print(json.dumps(row), flush=True)
+    print(json.dumps({k: v for k, v in row.items() if k.endswith("_us") or k == "M" or k == "best"}), flush=True)
     rows.append(row)
     json.dump({"gpu": torch.cuda.get_device_name(), "N": N, "rows": rows},
               open(os.path.join(OUT, f"grouped_probe_N{N}.json"), "w"), indent=1)

@@ -1,6 +1,7 @@
 """Suite fused_moe: sglang's Triton fused MoE stock vs with the plugin: the plugin serves config tables
-through `get_moe_configs`, and at the batch sizes of its per-GPU table (decode) runs its own two-kernel
-path (`moe_small_batch`) in place of sglang's `fused_experts_impl`.
+through `get_moe_configs`, and at the batch sizes of its per-GPU tables runs its own kernels in place of
+sglang's `fused_experts_impl` (`moe_small_batch`: two kernels at decode sizes, expert-grouped TMA GEMMs at
+prefill sizes).
 
 Gemma4 26B-A4B experts: E=128, intermediate N=704, hidden K=2816, top-8, bf16, gelu (as Gemma4MoE
 builds FusedMoE), all experts local (TP=1, no EP: sglang then runs with filter_expert=False).
@@ -150,12 +151,14 @@ def plugin_use(ctx):
     return lambda: _both(ctx.sbs, ctx.sbs.use("moe_configs", "plugin"), "plugin")
 
 
-def small_batch_path(sbs, M, weights, topk=TOPK):
-    """True when the plugin's small-batch kernels take a Gemma4 MoE call of M tokens on this GPU."""
+def plugin_path(sbs, M, weights, topk=TOPK) -> str:
+    """Which kernels the plugin side runs for a Gemma4 MoE call of M tokens on this GPU: "plugin small-batch
+    kernels", "plugin grouped kernels" or "sglang's kernels" (as the moe_small_batch hook decides)."""
     import torch
 
     if "moe_small_batch" not in sbs.targets or not sbs.applied("moe_small_batch"):
-        return False
+        return "sglang's kernels"
+    from ..kernels import moe_grouped as kg
     from ..kernels import moe_small_batch as km
     from ..patches import moe_small_batch as pms
 
@@ -166,8 +169,17 @@ def small_batch_path(sbs, M, weights, topk=TOPK):
     # as fused_experts calls it
     bound = sig.bind(x, weights.w13, weights.w2, ids.float(), ids, activation="gelu", **getattr(weights, "kw", {}))
     bound.apply_defaults()
-    params, _ = pms.route(dict(bound.arguments), extra, km.load_table())
-    return params is not None
+    call = dict(bound.arguments)
+    if pms.route(call, extra, km.load_table())[0] is not None:
+        return "plugin small-batch kernels"
+    if pms.grouped_enabled() and pms.route_grouped(call, extra, kg.load_table())[0] is not None:
+        return "plugin grouped kernels"
+    return "sglang's kernels"
+
+
+def small_batch_path(sbs, M, weights, topk=TOPK) -> bool:
+    """True when the plugin's small-batch kernels take a Gemma4 MoE call of M tokens on this GPU."""
+    return plugin_path(sbs, M, weights, topk) == "plugin small-batch kernels"
 
 
 def picked_config(sbs, which, M, weights, topk=TOPK):
@@ -257,7 +269,7 @@ def run_case(ctx, case):
         candidate_tbps=nbytes / (t_p * 1e-6) / 1e12, baseline_tbps=nbytes / (t_s * 1e-6) / 1e12,
         max_abs_diff=max_abs_diff, rel_diff=rel_diff, outputs_finite=finite,
         plugin_status=sbs.status("moe_configs"),
-        candidate_path="plugin small-batch kernels" if small_batch_path(sbs, M, wts) else "sglang's kernels",
+        candidate_path=plugin_path(sbs, M, wts),
     )
     if ctx.hbm_tbps:
         rec["hbm_roof_tbps"] = ctx.hbm_tbps

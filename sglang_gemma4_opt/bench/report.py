@@ -82,7 +82,8 @@ def rows(suite, recs):
         cols = ["M", f"{b} cfg M/N/K", "plugin cfg M/N/K", f"{b} µs", "plugin µs", "speedup", "plugin TB/s",
                 "plugin TFLOP/s"]
         rs = [[str(r["case"]["M"]), _cfg(r.get("baseline_config")),
-               "small-batch kernels" if small_batch(r) else _cfg(r.get("candidate_config")),
+               "small-batch kernels" if small_batch(r) else "grouped kernels" if grouped(r)
+               else _cfg(r.get("candidate_config")),
                _us(r["baseline_us"]), _us(r["candidate_us"]), f"{r['speedup']:.2f}×{dag(r)}",
                _f(r.get("candidate_tbps"), ".2f"), _f(r.get("candidate_tflops"), ".0f")] for r in recs]
     else:  # e2e, the records of one mode pair
@@ -236,11 +237,16 @@ def small_batch(r) -> bool:
     return str(r.get("candidate_path", "")).startswith("plugin small")
 
 
+def grouped(r) -> bool:
+    """The plugin side of a fused_moe record ran the plugin's expert-grouped prefill kernels."""
+    return str(r.get("candidate_path", "")).startswith("plugin grouped")
+
+
 def same_moe_configs(r) -> bool:
     """Both sides of a fused_moe record ran the same up and down configs (a down table absent = the up one),
     so its speedup is timing spread, not a table difference."""
     b, c = r.get("baseline_config"), r.get("candidate_config")
-    if b is None or c is None or small_batch(r):
+    if b is None or c is None or small_batch(r) or grouped(r):
         return False
     return b == c and (r.get("baseline_down_config") or b) == (r.get("candidate_down_config") or c)
 
@@ -368,6 +374,10 @@ def generate(results_dir: Path) -> str:
                 extra.append("\"small-batch kernels\": the plugin's `moe_small_batch` path (two Triton kernels, "
                              "`sglang_gemma4_opt/kernels/moe_small_batch.py`) ran in place of sglang's kernel "
                              "sequence at that M.")
+            if any(grouped(r) for r in recs):
+                extra.append("\"grouped kernels\": the plugin's expert-grouped prefill path (TMA weight tiles, "
+                             "gate+up+activation in one kernel, `sglang_gemma4_opt/kernels/moe_grouped.py`, "
+                             "switch `moe_grouped`) ran in place of sglang's kernel sequence at that M.")
             if is_pr_baseline(r0):
                 extra.append(f"Baseline: {r0['baseline']} (`{h.get('moe_baseline', '?')}`); plugin: the tables "
                              "`sglang-gemma4-opt tune-moe` wrote (`sglang_gemma4_opt/configs/`).")
@@ -556,6 +566,11 @@ def _diagnostics(d: Path) -> list[str]:
         try:
             if f.suffix == ".json":
                 doc = json.loads(f.read_text())
+                if isinstance(doc, dict) and doc.get("rows") and "skew_speedup" in doc["rows"][0]:  # tune_moe_grouped
+                    lines.append(f"- `{f.name}`: sglang's MoE → the plugin's grouped prefill kernels, " + "; ".join(
+                        f"N={r['N']} M={r['M']}: {_us(r['stock_us'])} → {_us(r['best_us'])} µs "
+                        f"({r['speedup']:.2f}×, skewed routing {r['skew_speedup']:.2f}×)" for r in doc["rows"]))
+                    continue
                 if isinstance(doc, dict) and doc.get("rows") and "small_us" in doc["rows"][0]:  # tune_moe_small
                     lines.append(f"- `{f.name}`: sglang's MoE → the plugin's small-batch kernels, " + "; ".join(
                         f"N={r['N']} M={r['M']}: {_us(r['stock_us'])} → {_us(r['small_us'])} µs "

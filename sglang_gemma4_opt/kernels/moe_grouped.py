@@ -11,13 +11,20 @@ sorted order belong to one expert):
       rows by pointer gather (or TMA from a pre-gathered copy), and writes act(gate) * up straight to
       an intermediate kept in sorted order: no [M*topk, 2N] buffer and no activation launch.
   kernel 2 (down): the intermediate is contiguous per block, so both operands come through TMA; the
-      routing weight is applied in fp32 and each row is scattered to its (token, k) slot; the top-k
-      sum is one torch reduction.
+      routing weight is applied in fp32 and each row is scattered to its (token, k) slot.
+  kernel 3 (top-k sum): one streaming pass over those slots, fp32 sum, one rounding.
 
-Status: correct (tests/test_moe_grouped.py under the interpreter, tests/gpu/test_moe_grouped_gpu.py on
-a GPU) but NOT YET MEASURED on a GPU and not used by any patch: the session that wrote it had no device
-time left. `benchmarks/scripts/moe_grouped_probe.py` times it against sglang's path with the shipped and
-the PR's tables; wire it into the fused-MoE hook only for the sizes where that probe shows a gain.
+Variants (GroupedParams): tile shapes per GPU and M from `configs/moe_grouped.json` (tuner:
+`python -m sglang_gemma4_opt.bench.tune_moe_grouped`); `swap_ab` puts weight rows on the MMA's M side
+and 16-64 token rows on its N side (less padding per expert; slower on H200/H100 at M >= 2048, kept
+as a candidate); `a_tma` loads the token rows from a pre-gathered copy through TMA (slower: the copy
+costs more than it saves); the top-k sum is a streaming Triton kernel (torch's reads cache3 at ~1.8
+TB/s on an H200).
+
+Measured (session 6, H200, CUDA-graph replay, `benchmarks/results/diagnostics/tune_moe_grouped-*.json`):
+1.06-1.23x sglang's path with the plugin's tables at M=2048-65536 (N=704), 295-462 TFLOP/s; cuBLAS on
+dense operands of the same FLOPs takes 0.55-0.69x of the grouped time, the rest is expert padding to 128
+rows, the gather of token rows and the cache3 round trip the top-k sum needs.
 
 Rounding mirrors sglang's: gate and up rounded to the activation dtype before the activation
 (intermediate_cache1), the activation output (cache2), each expert's weighted down row (cache3), the
@@ -26,7 +33,11 @@ sum rounded once. Only the K-reduction order differs, as between sglang's own ti
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
 
 import torch
 import triton
@@ -49,6 +60,11 @@ class GroupedParams:
     group_m: int = 8
     a_tma: bool = False  # gather the token rows once (torch) and load them through TMA
     warp_specialize: bool = False  # Triton's automatic warp specialisation of the K loops (Hopper+)
+    # swap_ab: weight rows are the MMA's M side and the block_m sorted token rows its N side, so the
+    # token tile (and the padding of each expert's run to it) can be 16-64 rows where wgmma's M is 64
+    swap_ab: bool = False
+    torch_sum: bool = False  # the top-k sum through torch (slower; kept for the probe's comparison)
+    sum_block_h: int = 1024
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -147,6 +163,122 @@ def grouped_down_kernel(
     tl.store(o_ptrs, acc.to(dt), mask=o_mask)
 
 
+@triton.jit
+def grouped_up_act_swap_kernel(
+    x_ptr, w1_desc, sorted_ptr, experts_ptr, npost_ptr, out_ptr,
+    num_valid, EM, K, N_HALF, stride_xm, stride_om,
+    TOPK: tl.constexpr, ACT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_W: tl.constexpr,
+    BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr,
+):
+    """As grouped_up_act_kernel with the operands swapped: acc[BLOCK_W weight rows, BLOCK_T tokens]."""
+    pid = tl.program_id(0)
+    num_pid_t = tl.cdiv(EM, BLOCK_T)
+    num_pid_w = tl.cdiv(N_HALF, BLOCK_W)
+    pid_t, pid_w = _tile(pid, num_pid_t, num_pid_w, GROUP_M)
+    if pid_t * BLOCK_T >= tl.load(npost_ptr):
+        return
+    dt = out_ptr.dtype.element_ty
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_n = pid_w * BLOCK_W + tl.arange(0, BLOCK_W)
+    o_ptrs = out_ptr + rows.to(tl.int64)[None, :] * stride_om + offs_n[:, None]
+    n_mask = offs_n[:, None] < N_HALF
+    e = tl.load(experts_ptr + pid_t)
+    if e == -1:
+        tl.store(o_ptrs, tl.zeros((BLOCK_W, BLOCK_T), dtype=dt), mask=n_mask)
+        return
+    gate_row = e * 2 * N_HALF + pid_w * BLOCK_W
+    up_row = gate_row + N_HALF
+    acc_g = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_W, BLOCK_T), dtype=tl.float32)
+    offs_k = tl.arange(0, BLOCK_K)
+    tok = tl.load(sorted_ptr + rows)
+    t_mask = tok < num_valid
+    a_ptrs = x_ptr + (tok // TOPK).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+    for k in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
+        a = tl.load(a_ptrs, mask=t_mask[:, None] & (k + offs_k[None, :] < K), other=0.0)
+        a_ptrs += BLOCK_K
+        bg = w1_desc.load([gate_row, k])
+        bu = w1_desc.load([up_row, k])
+        acc_g = tl.dot(bg, a.T, acc_g)
+        acc_u = tl.dot(bu, a.T, acc_u)
+    g = acc_g.to(dt).to(tl.float32)
+    u = acc_u.to(dt).to(tl.float32)
+    h = _act(g, ACT) * u
+    tl.store(o_ptrs, h.to(dt), mask=n_mask)
+
+
+@triton.jit
+def grouped_down_swap_kernel(
+    h_desc, w2_desc, sorted_ptr, experts_ptr, npost_ptr, wts_ptr, out_ptr,
+    num_valid, EM, HIDDEN, N_HALF, stride_om,
+    BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STAGES: tl.constexpr, WS: tl.constexpr,
+):
+    """As grouped_down_kernel with the operands swapped: acc[BLOCK_H hidden rows, BLOCK_T tokens]."""
+    pid = tl.program_id(0)
+    num_pid_t = tl.cdiv(EM, BLOCK_T)
+    num_pid_h = tl.cdiv(HIDDEN, BLOCK_H)
+    pid_t, pid_h = _tile(pid, num_pid_t, num_pid_h, GROUP_M)
+    if pid_t * BLOCK_T >= tl.load(npost_ptr):
+        return
+    dt = out_ptr.dtype.element_ty
+    rows = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    tok = tl.load(sorted_ptr + rows)
+    t_mask = tok < num_valid
+    o_ptrs = out_ptr + tok.to(tl.int64)[None, :] * stride_om + offs_h[:, None]
+    o_mask = t_mask[None, :] & (offs_h[:, None] < HIDDEN)
+    e = tl.load(experts_ptr + pid_t)
+    if e == -1:
+        tl.store(o_ptrs, tl.zeros((BLOCK_H, BLOCK_T), dtype=dt), mask=o_mask)
+        return
+    b_row = e * HIDDEN + pid_h * BLOCK_H
+    acc = tl.zeros((BLOCK_H, BLOCK_T), dtype=tl.float32)
+    for k in tl.range(0, N_HALF, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
+        b = w2_desc.load([b_row, k])
+        a = h_desc.load([pid_t * BLOCK_T, k])
+        acc = tl.dot(b, a.T, acc)
+    w = tl.load(wts_ptr + tok, mask=t_mask, other=0.0)
+    acc = acc * w[None, :]
+    tl.store(o_ptrs, acc.to(dt), mask=o_mask)
+
+
+@triton.jit
+def topk_sum_kernel(c3_ptr, out_ptr, M, HIDDEN, stride_c3, stride_om, scale,
+                    TOPK: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr, SCALE: tl.constexpr):
+    """out[t] = sum_k cache3[t * TOPK + k] in fp32, rounded once to out's dtype (sglang's moe_sum), then
+    optionally scaled in fp32 and rounded again (sglang applies routed_scaling_factor after the sum).
+    torch's sum reads [M, TOPK, HIDDEN] at ~1.8 TB/s on an H200; this streams each row once."""
+    pid_t = tl.program_id(0)
+    pid_h = tl.program_id(1)
+    offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < HIDDEN
+    dt = out_ptr.dtype.element_ty
+    for r in tl.static_range(ROWS):
+        t = pid_t * ROWS + r
+        if t < M:
+            base = c3_ptr + t.to(tl.int64) * TOPK * stride_c3 + offs_h
+            acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+            for k in tl.static_range(TOPK):
+                acc += tl.load(base + k * stride_c3, mask=h_mask, other=0.0).to(tl.float32)
+            y = acc.to(dt)
+            if SCALE:
+                y = (y.to(tl.float32) * scale).to(dt)
+            tl.store(out_ptr + t.to(tl.int64) * stride_om + offs_h, y, mask=h_mask)
+
+
+def topk_sum(cache3: torch.Tensor, M: int, topk: int, out: torch.Tensor, routed_scaling_factor=None,
+             block_h: int = 1024, rows: int = 1):
+    """cache3 [M * topk, H] -> out [M, H] (see topk_sum_kernel)."""
+    H = cache3.shape[1]
+    scale = routed_scaling_factor is not None and routed_scaling_factor != 1.0
+    grid = (triton.cdiv(M, rows), triton.cdiv(H, block_h))
+    topk_sum_kernel[grid](cache3, out, M, H, cache3.stride(0), out.stride(0),
+                          float(routed_scaling_factor) if scale else 1.0,
+                          TOPK=topk, BLOCK_H=block_h, ROWS=rows, SCALE=scale, num_warps=4)
+    return out
+
+
 def unsupported_reason(x, w1, w2, topk_weights, topk_ids, activation) -> str | None:
     """Why this path cannot take a call (None: it can)."""
     if activation not in ACTIVATIONS:
@@ -221,37 +353,98 @@ def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", para
     p = params
     if align is None:
         align = _sglang_align() if x.is_cuda else align_torch
+    if topk_ids.dtype != torch.int32:  # sglang's align kernel is written for its int32 ids
+        topk_ids = topk_ids.to(torch.int32)
     sorted_ids, expert_ids, npost = align(topk_ids, p.block_m, E)
     EM = sorted_ids.numel()
     inter = torch.empty(EM, n_half, device=x.device, dtype=x.dtype)
     w1_desc = _desc(w1.view(E * two_n, K), (p.up_block_n, p.up_block_k))
-    if p.a_tma:
-        a = x[(sorted_ids // topk).clamp_(max=M - 1).long()]
-        a_desc = _desc(a, (p.block_m, p.up_block_k))
-    else:
-        a_desc = w1_desc  # unused
-    grid = (triton.cdiv(EM, p.block_m) * triton.cdiv(n_half, p.up_block_n),)
-    grouped_up_act_kernel[grid](
-        x, a_desc, w1_desc, sorted_ids, expert_ids, npost, inter,
-        topk_ids.numel(), EM, K, n_half, x.stride(0), inter.stride(0),
-        TOPK=topk, ACT=ACTIVATIONS[activation], BLOCK_M=p.block_m, BLOCK_N=p.up_block_n,
-        BLOCK_K=p.up_block_k, GROUP_M=p.group_m, STAGES=p.up_stages, A_TMA=p.a_tma,
-        WS=p.warp_specialize, num_warps=p.up_warps,
-    )
     cache3 = torch.empty(M * topk, hidden, device=x.device, dtype=x.dtype)
     h_desc = _desc(inter, (p.block_m, p.down_block_k))
     w2_desc = _desc(w2.view(E * hidden, n_half), (p.down_block_n, p.down_block_k))
-    grid = (triton.cdiv(EM, p.block_m) * triton.cdiv(hidden, p.down_block_n),)
-    grouped_down_kernel[grid](
-        h_desc, w2_desc, sorted_ids, expert_ids, npost, topk_weights.reshape(-1).contiguous(), cache3,
-        topk_ids.numel(), EM, hidden, n_half, cache3.stride(0),
-        BLOCK_M=p.block_m, BLOCK_N=p.down_block_n, BLOCK_K=p.down_block_k, GROUP_M=p.group_m,
-        STAGES=p.down_stages, WS=p.warp_specialize, num_warps=p.down_warps,
-    )
-    y = cache3.view(M, topk, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)  # sglang's moe_sum: one rounding
-    if routed_scaling_factor is not None and routed_scaling_factor != 1.0:
-        y = (y.float() * routed_scaling_factor).to(x.dtype)
-    if out is not None:
+    up_grid = (triton.cdiv(EM, p.block_m) * triton.cdiv(n_half, p.up_block_n),)
+    down_grid = (triton.cdiv(EM, p.block_m) * triton.cdiv(hidden, p.down_block_n),)
+    wts = topk_weights.reshape(-1).contiguous()
+    if p.swap_ab:
+        grouped_up_act_swap_kernel[up_grid](
+            x, w1_desc, sorted_ids, expert_ids, npost, inter,
+            topk_ids.numel(), EM, K, n_half, x.stride(0), inter.stride(0),
+            TOPK=topk, ACT=ACTIVATIONS[activation], BLOCK_T=p.block_m, BLOCK_W=p.up_block_n,
+            BLOCK_K=p.up_block_k, GROUP_M=p.group_m, STAGES=p.up_stages, WS=p.warp_specialize,
+            num_warps=p.up_warps,
+        )
+        grouped_down_swap_kernel[down_grid](
+            h_desc, w2_desc, sorted_ids, expert_ids, npost, wts, cache3,
+            topk_ids.numel(), EM, hidden, n_half, cache3.stride(0),
+            BLOCK_T=p.block_m, BLOCK_H=p.down_block_n, BLOCK_K=p.down_block_k, GROUP_M=p.group_m,
+            STAGES=p.down_stages, WS=p.warp_specialize, num_warps=p.down_warps,
+        )
+    else:
+        if p.a_tma:
+            a = x[(sorted_ids // topk).clamp_(max=M - 1).long()]
+            a_desc = _desc(a, (p.block_m, p.up_block_k))
+        else:
+            a_desc = w1_desc  # unused
+        grouped_up_act_kernel[up_grid](
+            x, a_desc, w1_desc, sorted_ids, expert_ids, npost, inter,
+            topk_ids.numel(), EM, K, n_half, x.stride(0), inter.stride(0),
+            TOPK=topk, ACT=ACTIVATIONS[activation], BLOCK_M=p.block_m, BLOCK_N=p.up_block_n,
+            BLOCK_K=p.up_block_k, GROUP_M=p.group_m, STAGES=p.up_stages, A_TMA=p.a_tma,
+            WS=p.warp_specialize, num_warps=p.up_warps,
+        )
+        grouped_down_kernel[down_grid](
+            h_desc, w2_desc, sorted_ids, expert_ids, npost, wts, cache3,
+            topk_ids.numel(), EM, hidden, n_half, cache3.stride(0),
+            BLOCK_M=p.block_m, BLOCK_N=p.down_block_n, BLOCK_K=p.down_block_k, GROUP_M=p.group_m,
+            STAGES=p.down_stages, WS=p.warp_specialize, num_warps=p.down_warps,
+        )
+    if out is None or out.stride(-1) != 1 or out.dtype != x.dtype:
+        y = torch.empty(M, hidden, device=x.device, dtype=x.dtype)
+    else:
+        y = out
+    if p.torch_sum:
+        s = cache3.view(M, topk, hidden).sum(dim=1, dtype=torch.float32).to(x.dtype)  # one rounding
+        if routed_scaling_factor is not None and routed_scaling_factor != 1.0:
+            s = (s.float() * routed_scaling_factor).to(x.dtype)
+        y.copy_(s)
+    else:
+        topk_sum(cache3, M, topk, y, routed_scaling_factor, block_h=p.sum_block_h)
+    if out is not None and y is not out:
         out.copy_(y)
         return out
     return y
+
+
+# ---------------------------------------------------------------------------------------------
+# per-GPU table: {gpu name: {shape key (moe_small_batch.shape_key): {"min_m": m, "by_m": {M: GroupedParams
+# fields}}}}, written by `python -m sglang_gemma4_opt.bench.tune_moe_grouped --write-table`; a GPU or shape
+# not in it, or M below its min_m: sglang's path
+TABLE_PATH = Path(__file__).resolve().parents[1] / "configs" / "moe_grouped.json"
+
+
+@functools.lru_cache(maxsize=None)
+def load_table(path: str = str(TABLE_PATH)) -> dict:
+    """{gpu: {key: (min_m, {M: GroupedParams})}}; raises on a malformed entry."""
+    p = Path(path)
+    if not p.exists():
+        return {}
+    table = {}
+    for gpu, shapes in json.loads(p.read_text()).items():
+        table[gpu] = {}
+        for key, entry in shapes.items():
+            by_m = {int(m): GroupedParams(**v) for m, v in entry["by_m"].items()}
+            min_m = int(entry["min_m"])
+            if not by_m or min_m < 1 or min_m > max(by_m):
+                raise ValueError(f"{gpu} {key}: bad entry (min_m {min_m}, tuned {sorted(by_m)})")
+            table[gpu][key] = (min_m, by_m)
+    return table
+
+
+def params_for(table: dict, gpu: str, key: str, M: int) -> Optional[GroupedParams]:
+    """The launch shape of the nearest tuned M at or above the entry's min_m; None below min_m or for a
+    GPU/shape not in the table."""
+    entry = table.get(gpu, {}).get(key)
+    if entry is None or M < entry[0]:
+        return None
+    by_m = entry[1]
+    return by_m[min(by_m, key=lambda m: (abs(m - M), m))]

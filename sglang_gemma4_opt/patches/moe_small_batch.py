@@ -1,21 +1,32 @@
-"""Patch: small-batch (decode) fused MoE in two Triton kernels, decided per call.
+"""Patch: the plugin's own fused-MoE kernels at decode sizes (small batch) and at prefill sizes (expert-
+grouped GEMMs), each decided per call from a per-GPU table.
 
 Target:   `fused_experts_impl` in `sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe` (what sglang's
           inplace/outplace fused-experts ops run for the Triton MoE backend; Gemma4's FusedMoE uses it).
-Why:      at decode sizes sglang runs moe_align_block_size, an up GEMM in 16-row tensor-core tiles, the
+          One AROUND hook for both paths: sglang's hook registry keeps one hook per target.
+Why:      decode: sglang runs moe_align_block_size, an up GEMM in 16-row tensor-core tiles, the
           activation, a down GEMM and moe_sum: five launches for a memory-bound job. On H200 Gemma4's MoE
           at M=1 takes ~40 us where streaming its 8 experts' weights takes ~22 us.
           `kernels/moe_small_batch.py` does it in two (up + activation, down + weighted sum).
-Routing:  per call, cheapest check first: M above the GPU's tuned max for this shape (`configs/
-          moe_small_batch.json`; a GPU or shape not there never takes this path) -> sglang; sglang's
-          deterministic inference -> sglang (the path depends on the batch size, so it would break batch
-          invariance); then every argument: bf16/fp16, no quantization (fp8/int8/int4, scales, zero
-          points, block shape), no biases, gated silu/gelu, no gemm1 alpha/limit or swiglu limit, router
-          weight on the output, combined output, and any argument newer sglang added at its default.
-          Routing (top-k ids and weights) is an input here and is not touched.
-          `SGLANG_GEMMA4_OPT_DISABLE=moe_small_batch` turns it off.
+          prefill: sglang's GEMMs load every tile through pointer loads, write gate/up to a [M*topk, 2N]
+          buffer, run the activation as a third launch and sum the top-k with torch; at M >= 2048 on H200
+          that runs at 250-390 TFLOP/s whatever the tile table. `kernels/moe_grouped.py`: weight tiles through
+          TMA, gate and up in one program with the activation fused, the down GEMM reading the sorted
+          intermediate through TMA, a streaming top-k sum.
+Routing:  per call, cheapest check first: M between the small-batch table's max and the grouped table's
+          min (`configs/moe_small_batch.json`, `configs/moe_grouped.json`; a GPU or shape in neither never
+          takes either path) -> sglang with one comparison; sglang's deterministic inference -> sglang (the
+          path depends on the batch size, so it would break batch invariance); then every argument:
+          bf16/fp16, no quantization (fp8/int8/int4, scales, zero points, block shape), no biases, gated
+          silu/gelu, no gemm1 alpha/limit or swiglu limit, router weight on the output, combined output,
+          and any argument newer sglang added at its default. Routing (top-k ids and weights) is an input
+          here and is not touched. Numerics: sglang's rounding points (gate/up, activation, weighted rows,
+          one rounding of the sum); only the K-reduction order differs, as between sglang's own tile configs.
+Switches: `SGLANG_GEMMA4_OPT_DISABLE=moe_small_batch` turns both paths off; `SGLANG_GEMMA4_OPT_DISABLE=
+          moe_grouped` only the prefill path (read when the patch is applied).
 Upstream: none (plugin-only kernels).
-Remove:   when sglang's Triton MoE reaches the weight-streaming roof at decode sizes.
+Remove:   when sglang's Triton MoE reaches the weight-streaming roof at decode sizes and tensor-core
+          throughput at prefill sizes.
 """
 
 from __future__ import annotations
@@ -26,12 +37,14 @@ import inspect
 import logging
 
 from ..core import HookSpec, NotApplicable, TargetChanged, import_first, sglang_deterministic
-from ..settings import trace_enabled
+from ..settings import disabled_patches, trace_enabled
 
 NAME = "moe_small_batch"
-SUMMARY = "decode-size fused MoE in two Triton kernels (up+act, down+sum), per-GPU max batch"
+SUMMARY = ("plugin fused-MoE kernels: decode sizes in two Triton kernels (up+act, down+sum), prefill sizes as "
+           "expert-grouped TMA GEMMs (switch moe_grouped); per-GPU tables")
 UPSTREAM = "none (plugin-only kernels)"
-REMOVE_WHEN = "sglang's Triton MoE streams weights at the HBM roof at decode sizes"
+REMOVE_WHEN = "sglang's Triton MoE streams weights at the HBM roof at decode sizes and keeps the tensor cores busy at prefill"
+GROUPED_SWITCH = "moe_grouped"  # SGLANG_GEMMA4_OPT_DISABLE=moe_grouped: only the prefill path off
 
 MODULE = "sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe"
 FUNC = "fused_experts_impl"
@@ -77,8 +90,21 @@ def _same(a, b) -> bool:
         return False
 
 
-def route(call: dict, extra_defaults: dict, table: dict):
-    """(params, None) when the plugin's kernels take this call, else (None, reason sglang's path runs it)."""
+def _call_reason(call: dict, extra_defaults: dict):
+    """Why neither plugin path can take this call's arguments (None: they can)."""
+    for k, v in MUST_BE.items():
+        if not _same(call.get(k), v):
+            return f"{k}={call.get(k)!r}"
+    rsf = call.get("routed_scaling_factor")
+    if rsf is not None and not isinstance(rsf, (int, float)):
+        return f"routed_scaling_factor {type(rsf).__name__}"
+    for k, default in extra_defaults.items():
+        if k in call and not _same(call[k], default):
+            return f"{k}={call[k]!r}"
+    return None
+
+
+def _lookup(call: dict, table: dict, params_for):
     from ..kernels import moe_small_batch as km
 
     x = call["hidden_states"]
@@ -87,25 +113,40 @@ def route(call: dict, extra_defaults: dict, table: dict):
         return None, "not on a CUDA device"
     w1 = call["w1"]
     key = km.shape_key(w1.shape[0], w1.shape[1] // 2, w1.shape[2], call["topk_ids"].shape[-1], x.dtype)
-    params = km.params_for(table, gpu, key, x.shape[0])
+    params = params_for(table, gpu, key, x.shape[0])
     if params is None:
         return None, f"M={x.shape[0]} {key}: not in this GPU's table"
-    for k, v in MUST_BE.items():
-        if not _same(call.get(k), v):
-            return None, f"{k}={call.get(k)!r}"
-    rsf = call.get("routed_scaling_factor")
-    if rsf is not None and not isinstance(rsf, (int, float)):
-        return None, f"routed_scaling_factor {type(rsf).__name__}"
-    for k, default in extra_defaults.items():
-        if k in call and not _same(call[k], default):
-            return None, f"{k}={call[k]!r}"
-    why = km.unsupported_reason(x, w1, call["w2"], call["topk_weights"], call["topk_ids"], call["activation"],
-                                call["is_gated"])
+    return params, None
+
+
+def route(call: dict, extra_defaults: dict, table: dict):
+    """Small-batch path: (params, None) when its kernels take this call, else (None, reason sglang's path runs it)."""
+    from ..kernels import moe_small_batch as km
+
+    params, why = _lookup(call, table, km.params_for)
+    why = why or _call_reason(call, extra_defaults) or km.unsupported_reason(
+        call["hidden_states"], call["w1"], call["w2"], call["topk_weights"], call["topk_ids"], call["activation"],
+        call["is_gated"])
     return (params, None) if why is None else (None, why)
 
 
+def route_grouped(call: dict, extra_defaults: dict, table: dict):
+    """Prefill path: (GroupedParams, None) when the grouped kernels take this call, else (None, reason)."""
+    from ..kernels import moe_grouped as kg
+    from ..kernels import moe_small_batch as km
 
-def _trace(call: dict, why) -> None:
+    params, why = _lookup(call, table, kg.params_for)
+    args = (call["hidden_states"], call["w1"], call["w2"], call["topk_weights"], call["topk_ids"], call["activation"])
+    why = (why or _call_reason(call, extra_defaults) or km.unsupported_reason(*args, call["is_gated"])
+           or kg.unsupported_reason(*args))
+    return (params, None) if why is None else (None, why)
+
+
+def grouped_enabled() -> bool:
+    return GROUPED_SWITCH not in disabled_patches()
+
+
+def _trace(call: dict, why, path: str) -> None:
     try:
         kind = (tuple(call["hidden_states"].shape), tuple(call["w1"].shape), why)
     except Exception:
@@ -113,48 +154,67 @@ def _trace(call: dict, why) -> None:
     if kind not in _traced and len(_traced) < 256:
         _traced.add(kind)
         logger.info("sglang-gemma4-opt trace: fused MoE x %s w1 %s -> %s", kind[0], kind[1],
-                    "plugin small-batch kernels" if why is None else f"sglang's path ({why})")
+                    f"plugin {path} kernels" if why is None else f"sglang's path ({why})")
 
 
-def make_hook(signature: inspect.Signature, extra_defaults: dict, table: dict | None = None):
-    """AROUND hook for sglang's fused_experts_impl; `table` defaults to the shipped per-GPU table."""
+def make_hook(signature: inspect.Signature, extra_defaults: dict, table: dict | None = None,
+              grouped_table: dict | None = None):
+    """AROUND hook for sglang's fused_experts_impl; the tables default to the shipped per-GPU ones (the
+    grouped one is empty when the moe_grouped switch is off)."""
+    from ..kernels import moe_grouped as kg
     from ..kernels import moe_small_batch as km
 
     trace = trace_enabled()
     table = km.load_table() if table is None else table
+    if not grouped_enabled():
+        grouped_table = {}
+    elif grouped_table is None:
+        try:
+            grouped_table = kg.load_table()
+        except Exception as e:  # a broken grouped table must not take the decode path down
+            logger.warning("sglang-gemma4-opt: moe_grouped table does not load (%s); prefill MoE stays sglang's", e)
+            grouped_table = {}
     max_m = max((e[0] for shapes in table.values() for e in shapes.values()), default=0)
+    min_g = min((e[0] for shapes in grouped_table.values() for e in shapes.values()), default=None)
 
     def fused_experts_impl_hook(original, *args, **kwargs):
         global _fallback_logged
         x = args[0] if args else kwargs.get("hidden_states")
-        if getattr(x, "shape", (max_m + 1,))[0] > max_m:  # prefill: one comparison, then sglang
+        m = getattr(x, "shape", (max_m + 1,))[0]
+        if m > max_m and (min_g is None or m < min_g):  # between the tables: one comparison, then sglang
             return original(*args, **kwargs)
+        grouped = m > max_m
+        path = "grouped" if grouped else "small-batch"
         try:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             call = bound.arguments
             if sglang_deterministic():
                 params, why = None, "deterministic inference"
+            elif grouped:
+                params, why = route_grouped(call, extra_defaults, grouped_table)
             else:
                 params, why = route(call, extra_defaults, table)
         except Exception as e:  # never let routing take the call down
             call, params, why = None, None, f"routing failed: {e}"
         if trace and call is not None:
-            _trace(call, why)
+            _trace(call, why, path)
         if params is not None:
             try:
                 out = call["hidden_states"] if call["inplace"] else None
-                return km.fused_moe_small_batch(
-                    call["hidden_states"], call["w1"], call["w2"], call["topk_weights"], call["topk_ids"],
-                    call["activation"], out=out, routed_scaling_factor=call["routed_scaling_factor"],
-                    params=params)
+                fn = kg.fused_moe_grouped if grouped else km.fused_moe_small_batch
+                return fn(call["hidden_states"], call["w1"], call["w2"], call["topk_weights"], call["topk_ids"],
+                          call["activation"], out=out, routed_scaling_factor=call["routed_scaling_factor"],
+                          params=params)
             except Exception as e:  # e.g. a compile failure: sglang's path still answers
                 if not _fallback_logged:
                     _fallback_logged = True
-                    logger.warning("sglang-gemma4-opt: moe_small_batch fell back to sglang's path: %s", e)
+                    logger.warning("sglang-gemma4-opt: moe_small_batch (%s path) fell back to sglang's path: %s",
+                                   path, e)
         return original(*args, **kwargs)
 
     fused_experts_impl_hook.route = route
+    fused_experts_impl_hook.route_grouped = route_grouped
     return fused_experts_impl_hook
 
 
@@ -202,8 +262,13 @@ def prepare() -> list[HookSpec]:
     try:
         km = importlib.import_module("..kernels.moe_small_batch", __package__)
         table = km.load_table()
+        kg = importlib.import_module("..kernels.moe_grouped", __package__)
     except Exception as e:
         raise NotApplicable(f"kernel module or table does not load: {e}")
-    if not table:
-        raise NotApplicable("no GPU in configs/moe_small_batch.json")
+    try:
+        grouped = kg.load_table() if grouped_enabled() else {}
+    except Exception:
+        grouped = {}  # make_hook logs it; the decode path still applies
+    if not table and not grouped:
+        raise NotApplicable("no GPU in configs/moe_small_batch.json or configs/moe_grouped.json")
     return [HookSpec(f"{module.__name__}.{FUNC}", make_hook(sig, extra), "around")]

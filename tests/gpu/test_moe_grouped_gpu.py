@@ -1,8 +1,10 @@
-"""The expert-grouped fused MoE (`kernels/moe_grouped.py`, prefill sizes, not yet used by any patch) on the
-GPU, bf16, Gemma4's shapes (E=128, K=2816, top-8, N=704 and 352), with sglang's own moe_align_block_size
-(the kernel's default on CUDA):
-against a float32 reference and no worse than sglang's kernel sequence on the same inputs; both ways of
-loading the token rows; filtered experts; CUDA-graph capture and replay.
+"""The expert-grouped fused MoE (`kernels/moe_grouped.py`, the prefill path of the moe_small_batch patch) on
+the GPU, bf16, Gemma4's shapes (E=128, K=2816, top-8, N=704 and 352), with sglang's own
+moe_align_block_size (the kernel's default on CUDA): against a float32 reference and no worse than
+sglang's kernel sequence on the same inputs; both ways of loading the token rows and the
+swapped-operand kernels; every launch shape the shipped table holds for this GPU; that sglang's own
+fused_experts reaches these kernels from the table's min_m on; filtered experts; CUDA-graph capture
+and replay.
 
 Tolerance as the small-batch path's: max abs error <= 1.25x sglang's (+2e-3), relative Frobenius < 1e-2.
 """
@@ -36,15 +38,24 @@ def _inputs(M, N, seed):
     return x, w13, w2, w, ids
 
 
-@pytest.mark.parametrize("a_tma", [False, True])
+VARIANTS = {
+    "pointer": dict(),
+    "a_tma": dict(a_tma=True),
+    "swap_t64": dict(swap_ab=True, block_m=64, up_block_n=128, up_warps=4, down_block_n=128, down_warps=4),
+    "swap_t32": dict(swap_ab=True, block_m=32, up_block_n=128, up_block_k=128, up_warps=4, down_block_n=128,
+                     down_block_k=128, down_warps=4),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("M, N", [(333, 704), (2048, 704), (777, 352)])
-def test_against_reference_and_sglang(M, N, a_tma):
+def test_against_reference_and_sglang(M, N, variant):
     from sglang_gemma4_opt.kernels import moe_grouped as mg
     from sglang_gemma4_opt.patches.moe_small_batch import stock_impl
 
     x, w13, w2, w, ids = _inputs(M, N, seed=M + N)
     ids[3, 2] = -1  # filtered expert
-    p = mg.GroupedParams(a_tma=a_tma)
+    p = mg.GroupedParams(**VARIANTS[variant])
     out = mg.fused_moe_grouped(x, w13, w2, w, ids, "gelu", params=p)
     stock = stock_impl()(x, w13, w2, w, ids, activation="gelu", inplace=False)
     keep = ids >= 0
@@ -57,12 +68,13 @@ def test_against_reference_and_sglang(M, N, a_tma):
     assert e_out <= 1.25 * e_stock + 2e-3, (e_out, e_stock)
 
 
-def test_cuda_graph_replay_follows_new_routing():
+@pytest.mark.parametrize("variant", ["pointer", "swap_t64"])
+def test_cuda_graph_replay_follows_new_routing(variant):
     from sglang_gemma4_opt.kernels import moe_grouped as mg
 
     M, N = 512, 704
     x, w13, w2, w, ids = _inputs(M, N, seed=1)
-    p = mg.GroupedParams()
+    p = mg.GroupedParams(**VARIANTS[variant])
     mg.fused_moe_grouped(x, w13, w2, w, ids, "gelu", params=p)  # compile outside the capture
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -73,3 +85,58 @@ def test_cuda_graph_replay_follows_new_routing():
     torch.cuda.synchronize()
     expect = mg.fused_moe_grouped(x2, w13, w2, w2r, ids2, "gelu", params=p)
     assert torch.equal(out, expect)
+
+
+def _shipped_entries():
+    from sglang_gemma4_opt.kernels import moe_grouped as mg
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    rows = []
+    for key, (min_m, by_m) in mg.load_table().get(gpu, {}).items():
+        N = int(key.split("-")[1][1:])
+        for M, p in by_m.items():
+            if (N, p) not in [(r[0], r[2]) for r in rows]:
+                rows.append((N, M, p))
+    return rows
+
+
+@pytest.mark.parametrize("N, M, p", _shipped_entries(), ids=lambda v: str(v) if isinstance(v, int) else "p")
+def test_shipped_launch_shapes(N, M, p):
+    """Every distinct launch shape this GPU's table ships, at an odd size near its tuned M (capped at
+    4099 tokens: the float32 reference is the cost here)."""
+    from sglang_gemma4_opt.kernels import moe_grouped as mg
+    from sglang_gemma4_opt.patches.moe_small_batch import stock_impl
+
+    Mt = min(M, 4096) + 3
+    x, w13, w2, w, ids = _inputs(Mt, N, seed=M)
+    out = mg.fused_moe_grouped(x, w13, w2, w, ids, "gelu", params=p)
+    stock = stock_impl()(x, w13, w2, w, ids, activation="gelu", inplace=False)
+    ref = moe_reference(x, w13, w2, w, ids)
+    rel = ((out.float() - ref).norm() / ref.norm()).item()
+    e_out, e_stock = (out.float() - ref).abs().max().item(), (stock.float() - ref).abs().max().item()
+    assert rel < 1e-2 and e_out <= 1.25 * e_stock + 2e-3, (rel, e_out, e_stock)
+
+
+def test_sglang_fused_experts_reaches_grouped_from_min_m(sbs, monkeypatch):
+    """sglang's fused_experts (as Gemma4's FusedMoE calls it) runs the grouped kernels from the table's
+    min_m on and sglang's own just below; results against float32."""
+    from sglang_gemma4_opt.bench import fused_moe as bfm
+    from sglang_gemma4_opt.kernels import moe_grouped as mg
+    from sglang_gemma4_opt.kernels import moe_small_batch as km
+
+    if not sbs.applied("moe_small_batch"):
+        pytest.skip(f"moe_small_batch: {sbs.status('moe_small_batch')}")
+    entry = mg.load_table().get(torch.cuda.get_device_name(), {}).get(km.shape_key(E, 704, K, TOPK, torch.bfloat16))
+    if entry is None:
+        pytest.skip("no grouped entry for Gemma4's shape on this GPU")
+    min_m = entry[0]
+    calls = []
+    real = mg.fused_moe_grouped
+    monkeypatch.setattr(mg, "fused_moe_grouped", lambda *a, **k: calls.append(a[0].shape[0]) or real(*a, **k))
+    fused_experts = bfm.fused_experts_fn()
+    for M in (min_m - 1, min_m, min_m + 333):
+        x, w13, w2, w, ids = _inputs(M, 704, seed=M)
+        out = fused_experts(x, w13, w2, bfm.topk_output(w, ids), bfm.runner_config())
+        ref = moe_reference(x, w13, w2, w, ids)
+        assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+    assert calls == [min_m, min_m + 333]

@@ -1,0 +1,64 @@
+"""The grouped-MoE tuner's table rule and its candidate list (CPU; the sweep itself runs on a GPU)."""
+
+import pytest
+import torch
+
+from sglang_gemma4_opt.bench import tune_moe_grouped as tg
+from sglang_gemma4_opt.kernels import moe_grouped as kg
+
+
+def _row(N, M, speedup, skew=1.0, name="a"):
+    return dict(N=N, M=M, speedup=speedup, skew_speedup=skew, params={"block_m": 128, "tag": f"{name}{M}"})
+
+
+def test_table_starts_where_every_larger_size_wins():
+    rows = [_row(704, 1024, 1.10), _row(704, 2048, 1.01), _row(704, 4096, 1.05), _row(704, 16384, 1.08),
+            _row(352, 2048, 1.2), _row(352, 4096, 1.2, skew=0.97)]  # N=352: the largest M fails skewed
+    t = tg.table_from(rows)
+    key = tg.shape_key(128, 704, 2816, 8)
+    assert list(t) == [key]  # nothing for N=352: its largest tuned size fails
+    assert t[key]["min_m"] == 4096 and list(t[key]["by_m"]) == ["4096", "16384"]  # 1024 wins but 2048 does not
+    assert t[key]["by_m"]["16384"]["tag"] == "a16384"
+
+
+def test_thresholds_are_the_documented_ones():
+    assert tg.table_from([_row(704, 2048, 1 + tg.MIN_GAIN - 1e-6)]) == {}
+    assert tg.table_from([_row(704, 2048, 1 + tg.MIN_GAIN, skew=1 - tg.MAX_LOSS)]) != {}
+    assert tg.table_from([_row(704, 2048, 1.5, skew=1 - tg.MAX_LOSS - 1e-6)]) == {}
+
+
+def test_every_candidate_is_a_valid_launch_shape():
+    for name, fields in tg.CANDIDATES.items():
+        p = kg.GroupedParams(**fields)
+        assert p.swap_ab == name.startswith("swap"), name
+        assert p.block_m in (16, 32, 64, 128, 256) and p.up_block_k % 16 == 0 and p.down_block_k % 16 == 0
+
+
+def test_skewed_routing_is_skewed_and_distinct():
+    torch.manual_seed(0)
+    w, ids = tg.skewed_routing(4096, device="cpu")
+    assert ids.shape == (4096, 8) and ids.dtype == torch.int32
+    assert all(len(set(r)) == 8 for r in ids[:64].tolist())
+    counts = torch.bincount(ids.flatten().long(), minlength=128).sort(descending=True).values
+    assert counts[:8].sum() > 3 * counts[-64:].sum()  # the top few experts dwarf the tail
+    assert torch.allclose(w.sum(-1), torch.ones(4096))
+
+
+def test_table_file_round_trip(tmp_path):
+    rows = [_row(704, 2048, 1.1), _row(704, 4096, 1.2)]
+    for r in rows:
+        r["params"] = kg.GroupedParams(**tg.CANDIDATES["bm128_u128x64w8s3_d256x64w8s3"]).as_dict()
+    import json
+
+    f = tmp_path / "t.json"
+    f.write_text(json.dumps({"GPU X": tg.table_from(rows)}))
+    t = kg.load_table(str(f))
+    key = tg.shape_key(128, 704, 2816, 8)
+    assert kg.params_for(t, "GPU X", key, 1000) is None
+    assert kg.params_for(t, "GPU X", key, 3000).block_m == 128
+    assert kg.params_for(t, "GPU X", key, 10 ** 6) == kg.GroupedParams(**tg.CANDIDATES["bm128_u128x64w8s3_d256x64w8s3"])
+    assert kg.params_for(t, "GPU Y", key, 3000) is None
+    bad = tmp_path / "bad.json"  # (load_table caches per path)
+    bad.write_text(json.dumps({"GPU X": {key: {"min_m": 8192, "by_m": {"4096": {}}}}}))
+    with pytest.raises(ValueError):
+        kg.load_table(str(bad))
