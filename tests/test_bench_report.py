@@ -83,3 +83,14 @@ def test_fp8_rows_stay_out_of_the_bf16_targets_and_small_batch_rows_are_named():
     small = dict(_moe(1, 1.4, a, a), candidate_path="plugin small-batch kernels")
     assert report.small_batch(small) and not report.same_moe_configs(small)
     assert not report.small_batch(_moe(1, 1.0, a, a))
+
+
+def test_grouped_rows_are_named_and_never_count_as_same_configs():
+    a = {"BLOCK_SIZE_M": 128, "BLOCK_SIZE_N": 128, "BLOCK_SIZE_K": 64}
+    g = dict(_moe(4096, 1.1, a, dict(a)), candidate_path="plugin grouped kernels", baseline_us=1200.0,
+             candidate_us=1090.0, candidate_tbps=1.0, candidate_tflops=350.0)
+    assert report.grouped(g) and not report.small_batch(g)
+    assert not report.same_moe_configs(g)  # same sglang table both sides, yet a different kernel ran
+    assert not report.grouped(_moe(4096, 1.0, a, a))
+    _, rs = report.rows("fused_moe", [g])
+    assert rs[0][2] == "grouped kernels"

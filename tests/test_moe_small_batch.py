@@ -350,8 +350,18 @@ def test_bench_labels_the_path_each_size_takes(monkeypatch):
                           w2=store.as_strided((128, 2816, 704), (0, 0, 1)))
     sbs = SimpleNamespace(targets={"moe_small_batch": None}, applied=lambda k: True)
     assert [bfm.small_batch_path(sbs, m, wts) for m in (1, max_m, max_m + 1)] == [True, True, False]
+    min_g = kg.load_table()["NVIDIA H200"][km.shape_key(128, 704, 2816, 8, torch.bfloat16)][0]
+    # the grouped path wants contiguous weights (TMA descriptors): metadata-only tensors of Gemma4's shape
+    wts = SimpleNamespace(w13=torch.empty(128, 1408, 2816, dtype=torch.bfloat16, device="meta"),
+                          w2=torch.empty(128, 2816, 704, dtype=torch.bfloat16, device="meta"))
+    assert [bfm.plugin_path(sbs, m, wts) for m in (max_m + 1, min_g - 1, min_g, 10 ** 5)] == [
+        "sglang's kernels", "sglang's kernels", "plugin grouped kernels", "plugin grouped kernels"]
+    monkeypatch.setenv("SGLANG_GEMMA4_OPT_DISABLE", "moe_grouped")
+    assert bfm.plugin_path(sbs, min_g, wts) == "sglang's kernels"
+    monkeypatch.delenv("SGLANG_GEMMA4_OPT_DISABLE")
     sbs.applied = lambda k: False
     assert not bfm.small_batch_path(sbs, 1, wts)
+    assert bfm.plugin_path(sbs, min_g, wts) == "sglang's kernels"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -7,10 +7,10 @@ replay (bench.common.time_variants), random top-8 routing, output compared with 
 Every M times every candidate in CANDS (PROBE_ONLY=a,b keeps the names containing a or b), plus
 pieces for scale: cuBLAS on dense operands of the same FLOPs, sglang's align, the top-k sum. Decide from its rows whether (and from which M) the grouped path is wired into
 the fused-MoE hook; a table of its launch shapes per GPU would then come from a tuner like tune_moe_small."""
-import json, os, traceback
+import json, os, sys
 from pathlib import Path
 import torch
-from sglang_gemma4_opt.bench.common import side_by_side, time_variants
+from sglang_gemma4_opt.bench.common import env_header, side_by_side, time_variants
 from sglang_gemma4_opt.bench import fused_moe as fm
 from sglang_gemma4_opt.patches.moe_configs import CONFIG_ROOT
 from sglang_gemma4_opt.kernels import moe_grouped as mg
@@ -106,5 +106,5 @@ for M in ms:
     row["flops"] = 2 * M * 8 * 3 * N * 2816
     print(json.dumps({k: v for k, v in row.items() if k.endswith("_us") or k == "M" or k == "best"}), flush=True)
     rows.append(row)
-    json.dump({"gpu": torch.cuda.get_device_name(), "N": N, "rows": rows},
+    json.dump({"header": dict(env_header(sys.argv), gpu=torch.cuda.get_device_name()), "N": N, "rows": rows},
               open(os.path.join(OUT, f"grouped_probe_N{N}.json"), "w"), indent=1)
