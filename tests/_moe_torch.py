@@ -1,6 +1,7 @@
 """A per-pair torch MoE for the CPU kernel tests (Gemma4-style gated experts), in float32 or with sglang's
 rounding points: up GEMM -> dt, act_and_mul in fp32 -> dt, down GEMM x routing weight -> dt per expert,
-fp32 sum over the experts -> dt, times routed_scaling_factor -> dt. Expert id -1 contributes nothing."""
+fp32 sum over the experts -> dt, times routed_scaling_factor -> dt. Expert id -1 contributes nothing.
+Also the random inputs those tests share."""
 
 import torch
 
@@ -26,3 +27,14 @@ def moe_torch(x, w1, w2, w, ids, activation, scale=None, sglang_rounding=True):
     if scale is not None:
         out = (out.float() * scale).to(dt)
     return out
+
+
+def moe_inputs(M=3, E=6, N=40, K=48, topk=4, dtype=torch.float16, seed=0):
+    """x [M, K], w13 [E, 2N, K], w2 [E, K, N] (unit-variance outputs), top-k distinct ids per token, softmax weights."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    w1 = (torch.randn(E, 2 * N, K, generator=g) / K ** 0.5).to(dtype)
+    w2 = (torch.randn(E, K, N, generator=g) / N ** 0.5).to(dtype)
+    ids = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(M)]).to(torch.int32)
+    w = torch.softmax(torch.randn(M, topk, generator=g), -1)
+    return x, w1, w2, w, ids

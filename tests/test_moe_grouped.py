@@ -9,18 +9,11 @@ fp16 here (triton 3.6's interpreter mishandles bf16 in tl.dot); bf16 on the GPU
 import pytest
 import torch
 
-from _moe_torch import moe_torch
+from _moe_torch import moe_inputs, moe_torch
 from sglang_gemma4_opt.kernels import moe_grouped as mg
 
 
-def _moe(M, E, N, K, topk, dtype=torch.float16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g).to(dtype)
-    w1 = (torch.randn(E, 2 * N, K, generator=g) / K ** 0.5).to(dtype)
-    w2 = (torch.randn(E, K, N, generator=g) / N ** 0.5).to(dtype)
-    ids = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(M)]).to(torch.int32)
-    w = torch.softmax(torch.randn(M, topk, generator=g), -1)
-    return x, w1, w2, w, ids
+_moe = moe_inputs
 
 
 def reference_fp32(x, w1, w2, w, ids, act):

@@ -12,7 +12,7 @@ import json
 import pytest
 import torch
 
-from _moe_torch import moe_torch
+from _moe_torch import moe_inputs, moe_torch
 from sglang_gemma4_opt.kernels import moe_grouped as kg
 from sglang_gemma4_opt.kernels import moe_small_batch as km
 from sglang_gemma4_opt.patches import moe_small_batch as pm
@@ -20,14 +20,7 @@ from sglang_gemma4_opt.patches import moe_small_batch as pm
 GPU = "Fake GPU"
 
 
-def _moe(M=3, E=6, N=40, K=48, topk=4, dtype=torch.float16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(M, K, generator=g).to(dtype)
-    w1 = (torch.randn(E, 2 * N, K, generator=g) / K ** 0.5).to(dtype)
-    w2 = (torch.randn(E, K, N, generator=g) / N ** 0.5).to(dtype)
-    ids = torch.stack([torch.randperm(E, generator=g)[:topk] for _ in range(M)]).to(torch.int32)
-    w = torch.softmax(torch.randn(M, topk, generator=g), -1)
-    return x, w1, w2, w, ids
+_moe = moe_inputs
 
 
 def _table(M_max=4, key=None, params=km.Params()):

@@ -14,6 +14,7 @@ from sglang_gemma4_opt.bench.common import env_header, side_by_side, time_varian
 from sglang_gemma4_opt.bench import fused_moe as fm
 from sglang_gemma4_opt.patches.moe_configs import CONFIG_ROOT
 from sglang_gemma4_opt.kernels import moe_grouped as mg
+from sglang_gemma4_opt.bench.tune_moe_grouped import _p
 
 sbs = side_by_side()
 OUT = os.environ.get("OUT", ".")
@@ -34,11 +35,6 @@ P = mg.GroupedParams
 
 def grouped(x, tw, ids, p):
     return mg.fused_moe_grouped(x, w.w13, w.w2, tw, ids, "gelu", params=p)
-
-
-def _p(bm, un, uk, uw, us, dn, dk, dw, ds, **kw):
-    return dict(block_m=bm, up_block_n=un, up_block_k=uk, up_warps=uw, up_stages=us,
-                down_block_n=dn, down_block_k=dk, down_warps=dw, down_stages=ds, **kw)
 
 
 # name -> GroupedParams fields

@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 from . import common
+from .tune_moe_small import shape_key
 
 E, K, TOPK = 128, 2816, 8
 MS = (1024, 2048, 4096, 8192, 16384, 32768, 65536)
@@ -58,10 +59,6 @@ CANDIDATES = {
     "swap_t64_w64x64w4s4_h128x64w4s4": _p(64, 64, 64, 4, 4, 128, 64, 4, 4, swap_ab=True),
     "swap_t128_w128x64w8s3_h256x64w8s3": _p(128, 128, 64, 8, 3, 256, 64, 8, 3, swap_ab=True),
 }
-
-
-def shape_key(E, N, K, topk, dtype="bf16"):
-    return f"E{E}-N{N}-K{K}-top{topk}-{dtype}"
 
 
 def skewed_routing(M, alpha=1.2, device="cuda"):
@@ -211,11 +208,9 @@ def main(argv=None) -> int:
     common.ensure_server_args()
     core.apply()  # the plugin's MoE tables serve sglang's lookup, as in a server with the plugin
     gpu = torch.cuda.get_device_name()
-    lines = []
 
     def log(s):
         print(s, flush=True)
-        lines.append(s)
 
     t0 = time.time()
     rows = []
