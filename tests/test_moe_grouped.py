@@ -1,6 +1,6 @@
-"""Expert-grouped fused MoE for prefill sizes (`kernels/moe_grouped.py`, not yet used by any patch) under
-TRITON_INTERPRET=1 on tiny shapes: against a float32 reference and against sglang's rounding points
-written out in torch; the torch alignment against its contract; every argument check.
+"""Expert-grouped fused MoE for prefill sizes (`kernels/moe_grouped.py`, the moe_small_batch patch's prefill
+path) under TRITON_INTERPRET=1 on tiny shapes: against a float32 reference and against sglang's rounding
+points written out in torch; the torch alignment against its contract; every argument check.
 
 fp16 here (triton 3.6's interpreter mishandles bf16 in tl.dot); bf16 on the GPU
 (tests/gpu/test_moe_grouped_gpu.py).
@@ -75,6 +75,87 @@ def test_kernels_match_reference_and_sglangs_rounding(M, E, N, K, topk, act, par
     assert (out.float() - ref).abs().max() <= 1e-2 * max(1.0, float(ref.abs().max()))
     mirror = sglang_rounding(x, w1, w2, w, ids, act)
     assert (out.float() - mirror.float()).abs().max() <= 2 * 2 ** -10 * max(1.0, float(mirror.abs().max()))
+
+
+SPLIT = [
+    # half tiles of 16 rows / 16 columns: N=40 over 32-column tiles leaves 8 real columns in the last one
+    mg.GroupedParams(block_m=32, up_block_n=32, up_block_k=16, down_block_n=32, down_block_k=16, group_m=2,
+                     split_m=True, split_n=True),
+    mg.GroupedParams(block_m=32, up_block_n=32, up_block_k=32, down_block_n=16, down_block_k=16, group_m=1,
+                     up_stages=2, down_stages=2, split_m=True),
+    mg.GroupedParams(block_m=16, up_block_n=32, up_block_k=16, down_block_n=16, down_block_k=16, split_n=True),
+    # half-height tail tiles (16 of 32 rows), with and without the half-width column tile
+    mg.GroupedParams(block_m=32, up_block_n=32, up_block_k=16, down_block_n=32, down_block_k=16, group_m=2,
+                     half_tail=True, split_n=True),
+    mg.GroupedParams(block_m=32, up_block_n=16, up_block_k=32, down_block_n=16, down_block_k=16, group_m=1,
+                     up_stages=2, down_stages=2, half_tail=True),
+]
+
+
+def _program_kinds(ids, E, block_m):
+    """(full tiles, half tiles) the split_m kernels run for this routing: pairs of half blocks of one
+    expert, and half blocks whose partner is another expert's or past the end."""
+    _, ex, npost = mg.align_torch(ids.to(torch.int32), block_m // 2, E)
+    blocks = ex[: int(npost) // (block_m // 2)].tolist()
+    full = half = 0
+    for i in range(0, len(blocks), 2):
+        pair = blocks[i:i + 2]
+        if len(pair) == 2 and pair[0] == pair[1]:
+            full += 1
+        else:
+            half += len(pair)
+    return full, half
+
+
+def _tail_kinds(ids, E, block_m):
+    """(padded full tiles, half tiles) the half_tail kernels run: a tile whose second half is all padding
+    runs at half height; one with padding that starts inside its second half runs whole."""
+    s, _, npost = mg.align_torch(ids.to(torch.int32), block_m, E)
+    numel = ids.numel()
+    padded_full = half = 0
+    for r in range(0, int(npost), block_m):
+        real = int((s[r:r + block_m] < numel).sum())
+        half += real <= block_m // 2
+        padded_full += block_m // 2 < real < block_m
+    return padded_full, half
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("M, E, N, K, topk, act, params", [
+    (37, 5, 40, 48, 4, "gelu", SPLIT[0]),  # both splits; K off the 16-blocks
+    (45, 3, 24, 32, 2, "silu", SPLIT[1]),  # split rows only, N off the tile (no half-width column tile)
+    (9, 4, 40, 32, 3, "gelu", SPLIT[2]),  # split columns only
+    # ~20 pairs per expert over 32-row tiles: tails of 14-16 rows (half height) and 17-22 (whole)
+    (23, 5, 40, 48, 4, "gelu", SPLIT[3]),  # half-height tails and the half-width column tile
+    (21, 4, 24, 32, 3, "silu", SPLIT[4]),  # half-height tails only
+])
+def test_split_tiles_match_reference_and_sglangs_rounding(M, E, N, K, topk, act, params):
+    x, w1, w2, w, ids = _moe(M, E, N, K, topk, seed=M * 3 + N)
+    ids[2, 1] = -1
+    if params.split_m:
+        full, half = _program_kinds(ids, E, params.block_m)
+        assert full > 0 and half > 0, (full, half)  # the routing reaches both kinds of program
+    if params.half_tail:
+        padded_full, half = _tail_kinds(ids, E, params.block_m)
+        assert padded_full > 0 and half > 0, (padded_full, half)
+    if params.split_n:
+        assert 0 < N % params.up_block_n <= params.up_block_n // 2
+    out = mg.fused_moe_grouped(x, w1, w2, w, ids, act, params=params)
+    ref = reference_fp32(x, w1, w2, w, ids, act)
+    assert out.dtype == x.dtype and out.shape == (M, K)
+    assert (out.float() - ref).abs().max() <= 1e-2 * max(1.0, float(ref.abs().max()))
+    mirror = sglang_rounding(x, w1, w2, w, ids, act)
+    assert (out.float() - mirror.float()).abs().max() <= 2 * 2 ** -10 * max(1.0, float(mirror.abs().max()))
+
+
+@pytest.mark.parametrize("fields", [
+    dict(split_m=True, swap_ab=True), dict(split_n=True, a_tma=True), dict(split_m=True, block_m=16),
+    dict(split_n=True, up_block_n=16), dict(half_tail=True, swap_ab=True), dict(half_tail=True, a_tma=True),
+    dict(half_tail=True, block_m=16), dict(half_tail=True, split_m=True),
+])
+def test_split_params_refuse_what_the_kernels_cannot_do(fields):
+    with pytest.raises(ValueError):
+        mg.GroupedParams(**fields)
 
 
 @pytest.mark.interpret

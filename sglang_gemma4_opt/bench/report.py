@@ -557,6 +557,11 @@ def update_readme(readme: Path, block: str) -> str | None:
     return head + block + tail
 
 
+def _kernel_us(times: dict, part: str) -> str:
+    hit = [v for k, v in times.items() if part in k]
+    return _us(hit[0]) if hit else "-"
+
+
 def _diagnostics(d: Path) -> list[str]:
     """One line per extra run kept in results/diagnostics (cited in notes, not part of the tables)."""
     if not d.is_dir():
@@ -575,6 +580,15 @@ def _diagnostics(d: Path) -> list[str]:
                     lines.append(f"- `{f.name}`: sglang's MoE → the plugin's small-batch kernels, " + "; ".join(
                         f"N={r['N']} M={r['M']}: {_us(r['stock_us'])} → {_us(r['small_us'])} µs "
                         f"({r['speedup']:.2f}×)" for r in doc["rows"]))
+                    continue
+                if isinstance(doc, dict) and doc.get("rows") and "grouped" in doc["rows"][0]:  # moe_kernel_breakdown
+                    lines.append(f"- `{f.name}`: per-kernel µs (profiler), grouped up / down / top-k sum vs sglang's "
+                                 "fused_moe_kernel (both GEMMs, plugin tables), " + "; ".join(
+                                     f"M={r['M']}: {_kernel_us(r['grouped'], 'up_act')} / "
+                                     f"{_kernel_us(r['grouped'], 'grouped_down')} / "
+                                     f"{_kernel_us(r['grouped'], 'topk_sum')} vs "
+                                     f"{_kernel_us(r.get('sglang_plugin_tables', {}), 'fused_moe_kernel')}"
+                                     for r in doc["rows"]))
                     continue
                 _, recs = load_results(f)
                 if not recs:

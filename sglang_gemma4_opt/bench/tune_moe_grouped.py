@@ -56,6 +56,27 @@ CANDIDATES = {
     "bm128_u128x64w8s4_d128x64w8s4": _p(128, 128, 64, 8, 4, 128, 64, 8, 4),
     "bm128_u64x64w8s3_d256x64w8s3": _p(128, 64, 64, 8, 3, 256, 64, 8, 3),
     "bm64_u128x64w4s3_d256x64w4s3": _p(64, 128, 64, 4, 3, 256, 64, 4, 3),
+    # session 7: half tiles (split_m: experts padded to 64 rows, one 128-row tile where two halves share an
+    # expert; split_n: the last up column tile at N=704 half wide)
+    "bm128_u128x64w8s4_d256x64w8s4_sm_sn": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, split_m=True, split_n=True),
+    "bm128_u128x64w8s4_d256x64w8s4_sm": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, split_m=True),
+    "bm128_u128x64w8s4_d256x64w8s4_sn": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, split_n=True),
+    "bm128_u128x64w8s4_d256x64w8s4_g4_sm_sn": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, group_m=4, split_m=True,
+                                                 split_n=True),
+    "bm128_u128x64w8s4_d256x64w8s4_g16_sm_sn": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, group_m=16, split_m=True,
+                                                  split_n=True),
+    "bm128_u128x64w8s3_d256x64w8s3_sm_sn": _p(128, 128, 64, 8, 3, 256, 64, 8, 3, split_m=True, split_n=True),
+    "bm128_u128x64w8s3_d256x64w8s3_sn": _p(128, 128, 64, 8, 3, 256, 64, 8, 3, split_n=True),
+    # session 8: alignment to 128 rows as sglang's, the tail tile of an expert at half height when its second
+    # half is padding (no mixed-expert blocks, unlike split_m)
+    "bm128_u128x64w8s4_d256x64w8s4_ht": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, half_tail=True),
+    "bm128_u128x64w8s4_d256x64w8s4_g4_ht": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, group_m=4, half_tail=True),
+    "bm128_u128x64w8s4_d256x64w8s4_ht_sn": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, half_tail=True, split_n=True),
+    "bm128_u128x64w8s4_d256x64w8s4_g16_ht_sn": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, group_m=16, half_tail=True,
+                                                  split_n=True),
+    "bm128_u128x64w8s3_d256x64w8s3_ht_sn": _p(128, 128, 64, 8, 3, 256, 64, 8, 3, half_tail=True, split_n=True),
+    "bm128_u128x64w8s3_d256x64w8s3_g4_ht_sn": _p(128, 128, 64, 8, 3, 256, 64, 8, 3, group_m=4, half_tail=True,
+                                                 split_n=True),
     "swap_t64_w64x64w4s4_h128x64w4s4": _p(64, 64, 64, 4, 4, 128, 64, 4, 4, swap_ab=True),
     "swap_t128_w128x64w8s3_h256x64w8s3": _p(128, 128, 64, 8, 3, 256, 64, 8, 3, swap_ab=True),
 }

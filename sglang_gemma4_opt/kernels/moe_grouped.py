@@ -15,16 +15,23 @@ sorted order belong to one expert):
   kernel 3 (top-k sum): one streaming pass over those slots, fp32 sum, one rounding.
 
 Variants (GroupedParams): tile shapes per GPU and M from `configs/moe_grouped.json` (tuner:
-`python -m sglang_gemma4_opt.bench.tune_moe_grouped`); `swap_ab` puts weight rows on the MMA's M side
-and 16-64 token rows on its N side (less padding per expert; slower on H200/H100 at M >= 2048, kept
-as a candidate); `a_tma` loads the token rows from a pre-gathered copy through TMA (slower: the copy
-costs more than it saves); the top-k sum is a streaming Triton kernel (torch's reads cache3 at ~1.8
-TB/s on an H200).
+`python -m sglang_gemma4_opt.bench.tune_moe_grouped`); `half_tail` runs an expert's last tile at half
+height when its second half is padding (expert runs padded to < block_m / 2 rows in MMA work, alignment
+unchanged); `split_n` runs the up kernel's last column tile at half width (N=704 over 128 columns);
+`split_m` aligns to half tiles and pairs them (mixed-expert blocks cost a second pass over the weights:
+loses to half_tail below M=16384); `swap_ab` puts weight rows on the MMA's M side and 16-64 token rows on
+its N side (slower on H200/H100 at M >= 2048, kept as a candidate); `a_tma` loads the token rows from a
+pre-gathered copy through TMA (slower: the copy costs more than it saves); the top-k sum is a streaming
+Triton kernel (torch's reads cache3 at ~1.8 TB/s on an H200).
 
-Measured (session 6, H200, CUDA-graph replay, `benchmarks/results/diagnostics/tune_moe_grouped-*.json`):
-1.06-1.23x sglang's path with the plugin's tables at M=2048-65536 (N=704), 295-462 TFLOP/s; cuBLAS on
-dense operands of the same FLOPs takes 0.55-0.69x of the grouped time, the rest is expert padding to 128
-rows, the gather of token rows and the cache3 round trip the top-k sum needs.
+Measured (H200, CUDA-graph replay; `benchmarks/results/diagnostics/tune_moe_grouped-*.json`, per-kernel
+split `moe_kernel_breakdown-*.json`): sglang's path with the plugin's tables -> grouped 731 -> 622 us at
+M=2048, 1179 -> 1016 at 4096, 2123 -> 1844 at 8192, 4031 -> 3501 at 16384 (half_tail runs), 14935 -> 13047
+at 65536. Per kernel at M=2048 (profiler): up 342 us, down 185, top-k sum 26, align 13, against 613 us for
+sglang's two GEMMs; the GEMMs run at ~380/350 TFLOP/s of real work there (570/537 at M=16384) with the
+weights (1.52 GB, 317 us at 4.8 TB/s) streamed at ~2.9 TB/s. Rejected after measuring: torch._grouped_mm
+(CUTLASS grouped GEMM, exact row offsets; 892 vs 691 us at M=2048, `moe_gmm_probe-*.json`) and a Triton
+moe_align (no faster than sglang's CUDA one, `moe_align_probe-*.json`).
 
 Rounding mirrors sglang's: gate and up rounded to the activation dtype before the activation
 (intermediate_cache1), the activation output (cache2), each expert's weighted down row (cache3), the
@@ -65,6 +72,26 @@ class GroupedParams:
     swap_ab: bool = False
     torch_sum: bool = False  # the top-k sum through torch (slower; kept for the probe's comparison)
     sum_block_h: int = 1024
+    # split_m: align each expert's run to block_m // 2 rows; a program runs one full tile where two half
+    # blocks share an expert and a half tile each where they do not (padding per expert: < block_m / 2)
+    split_m: bool = False
+    # split_n: the up kernel's last column tile at half width when half of it or less is real (N=704)
+    split_n: bool = False
+    # half_tail: alignment to block_m as usual; a tile whose second half is all padding (the last tile of an
+    # expert's run with block_m / 2 real rows or fewer) runs at half height in both kernels: the padding
+    # each expert pays drops below block_m / 2 rows without split_m's mixed-expert blocks
+    half_tail: bool = False
+
+    def __post_init__(self):
+        if (self.split_m or self.split_n or self.half_tail) and (self.swap_ab or self.a_tma):
+            raise ValueError("split_m / split_n / half_tail apply to the plain kernels with pointer-loaded token "
+                             "rows only")
+        if (self.split_m or self.half_tail) and self.block_m < 32:
+            raise ValueError("split_m / half_tail need block_m >= 32 (half tiles of at least 16 rows)")
+        if self.split_m and self.half_tail:
+            raise ValueError("split_m and half_tail are two ways of cutting the same padding; pick one")
+        if self.split_n and self.up_block_n < 32:
+            raise ValueError("split_n needs up_block_n >= 32")
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -82,85 +109,175 @@ def _tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _up_tile(x_ptr, a_desc, w_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF, stride_xm, stride_om,
+             TOPK: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_K: tl.constexpr,
+             STAGES: tl.constexpr, A_TMA: tl.constexpr, WS: tl.constexpr):
+    """act(rows @ W_gate[e]^T) * (rows @ W_up[e]^T) for sorted rows row0 .. row0+BM, columns n0 .. n0+BN
+    (w_desc's block is (BN, BLOCK_K))."""
+    dt = out_ptr.dtype.element_ty
+    rows = row0 + tl.arange(0, BM)
+    offs_n = n0 + tl.arange(0, BN)
+    o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
+    n_mask = offs_n[None, :] < N_HALF
+    if e == -1:  # expert not on this rank (EP): sglang writes zeros
+        tl.store(o_ptrs, tl.zeros((BM, BN), dtype=dt), mask=n_mask)
+    else:
+        gate_row = e * 2 * N_HALF + n0
+        up_row = gate_row + N_HALF
+        acc_g = tl.zeros((BM, BN), dtype=tl.float32)
+        acc_u = tl.zeros((BM, BN), dtype=tl.float32)
+        offs_k = tl.arange(0, BLOCK_K)
+        tok = tl.load(sorted_ptr + rows)
+        t_mask = tok < num_valid
+        a_ptrs = x_ptr + (tok // TOPK).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
+        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
+            if A_TMA:
+                a = a_desc.load([row0, k])
+            else:
+                a = tl.load(a_ptrs, mask=t_mask[:, None] & (k + offs_k[None, :] < K), other=0.0)
+                a_ptrs += BLOCK_K
+            bg = w_desc.load([gate_row, k])
+            bu = w_desc.load([up_row, k])
+            acc_g = tl.dot(a, bg.T, acc_g)
+            acc_u = tl.dot(a, bu.T, acc_u)
+        g = acc_g.to(dt).to(tl.float32)  # sglang's intermediate_cache1 is in dt
+        u = acc_u.to(dt).to(tl.float32)
+        h = _act(g, ACT) * u
+        tl.store(o_ptrs, h.to(dt), mask=n_mask)
+
+
+@triton.jit
+def _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF,
+             stride_xm, stride_om, TOPK: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
+             BLOCK_K: tl.constexpr, STAGES: tl.constexpr, A_TMA: tl.constexpr, WS: tl.constexpr,
+             SPLIT_N: tl.constexpr):
+    """One tile of BM rows; with SPLIT_N the last column tile, when half of it or less is real (N=704 over
+    128-column tiles: 64 of 128), runs at half width instead of multiplying padding."""
+    if SPLIT_N:
+        if N_HALF - n0 <= BLOCK_N // 2:
+            _up_tile(x_ptr, a_desc, w1h_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF, stride_xm,
+                     stride_om, TOPK, ACT, BM, BLOCK_N // 2, BLOCK_K, STAGES, A_TMA, WS)
+        else:
+            _up_tile(x_ptr, a_desc, w1_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF, stride_xm,
+                     stride_om, TOPK, ACT, BM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS)
+    else:
+        _up_tile(x_ptr, a_desc, w1_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF, stride_xm,
+                 stride_om, TOPK, ACT, BM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS)
+
+
+@triton.jit
 def grouped_up_act_kernel(
-    x_ptr, a_desc, w1_desc, sorted_ptr, experts_ptr, npost_ptr, out_ptr,
+    x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, experts_ptr, npost_ptr, out_ptr,
     num_valid, EM, K, N_HALF, stride_xm, stride_om,
     TOPK: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr, A_TMA: tl.constexpr,
-    WS: tl.constexpr,
+    WS: tl.constexpr, SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr, HALF_TAIL: tl.constexpr,
 ):
+    """Up projection + activation. SPLIT_M: the alignment is to BLOCK_M // 2 rows (each expert's run padded
+    to half a tile); a program owns two half blocks and runs one full tile when both belong to the same
+    expert, else a half tile for each (real rows only: the second may lie past the end). HALF_TAIL: a tile
+    whose second half is padding (sorted id == num_valid: padding sits at the end of an expert's run) runs
+    at half height; its other rows of `out` stay unwritten and the down kernel, deciding the same way, never
+    reads them."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(EM, BLOCK_M)
     num_pid_n = tl.cdiv(N_HALF, BLOCK_N)
     pid_m, pid_n = _tile(pid, num_pid_m, num_pid_n, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(npost_ptr):
+    npost = tl.load(npost_ptr)
+    row0 = pid_m * BLOCK_M
+    if row0 >= npost:
         return
-    dt = out_ptr.dtype.element_ty
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    o_ptrs = out_ptr + rows.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
-    n_mask = offs_n[None, :] < N_HALF
-    e = tl.load(experts_ptr + pid_m)
-    if e == -1:  # expert not on this rank (EP): sglang writes zeros
-        tl.store(o_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=dt), mask=n_mask)
-        return
-    gate_row = e * 2 * N_HALF + pid_n * BLOCK_N
-    up_row = gate_row + N_HALF
-    acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    offs_k = tl.arange(0, BLOCK_K)
-    tok = tl.load(sorted_ptr + rows)
-    t_mask = tok < num_valid
-    a_ptrs = x_ptr + (tok // TOPK).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-    for k in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
-        if A_TMA:
-            a = a_desc.load([pid_m * BLOCK_M, k])
+    n0 = pid_n * BLOCK_N
+    if SPLIT_M:
+        HM: tl.constexpr = BLOCK_M // 2
+        e0 = tl.load(experts_ptr + 2 * pid_m)
+        has1 = row0 + HM < npost
+        e1 = tl.load(experts_ptr + 2 * pid_m + 1, mask=has1, other=-2)
+        if e0 == e1:
+            _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0, e0, n0, num_valid, K, N_HALF,
+                     stride_xm, stride_om, TOPK, ACT, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N)
         else:
-            a = tl.load(a_ptrs, mask=t_mask[:, None] & (k + offs_k[None, :] < K), other=0.0)
-            a_ptrs += BLOCK_K
-        bg = w1_desc.load([gate_row, k])
-        bu = w1_desc.load([up_row, k])
-        acc_g = tl.dot(a, bg.T, acc_g)
-        acc_u = tl.dot(a, bu.T, acc_u)
-    g = acc_g.to(dt).to(tl.float32)  # sglang's intermediate_cache1 is in dt
-    u = acc_u.to(dt).to(tl.float32)
-    h = _act(g, ACT) * u
-    tl.store(o_ptrs, h.to(dt), mask=n_mask)
+            _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0, e0, n0, num_valid, K, N_HALF,
+                     stride_xm, stride_om, TOPK, ACT, HM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N)
+            if has1:
+                _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0 + HM, e1, n0, num_valid, K,
+                         N_HALF, stride_xm, stride_om, TOPK, ACT, HM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N)
+    else:
+        e = tl.load(experts_ptr + pid_m)
+        if HALF_TAIL and tl.load(sorted_ptr + row0 + BLOCK_M // 2) >= num_valid:
+            _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF,
+                     stride_xm, stride_om, TOPK, ACT, BLOCK_M // 2, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N)
+        else:
+            _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF,
+                     stride_xm, stride_om, TOPK, ACT, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N)
 
 
 @triton.jit
-def grouped_down_kernel(
-    h_desc, w2_desc, sorted_ptr, experts_ptr, npost_ptr, wts_ptr, out_ptr,
-    num_valid, EM, HIDDEN, N_HALF, stride_om,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    STAGES: tl.constexpr, WS: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(EM, BLOCK_M)
-    num_pid_n = tl.cdiv(HIDDEN, BLOCK_N)
-    pid_m, pid_n = _tile(pid, num_pid_m, num_pid_n, GROUP_M)
-    if pid_m * BLOCK_M >= tl.load(npost_ptr):
-        return
+def _down_tile(h_desc, w2_desc, sorted_ptr, wts_ptr, out_ptr, row0, e, n0, num_valid, HIDDEN, N_HALF, stride_om,
+               BM: tl.constexpr, BN: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr):
+    """Sorted rows row0 .. row0+BM of the intermediate @ W2[e]^T, columns n0 .. n0+BN, times the routing
+    weight in fp32, scattered to the rows' (token, k) slots (h_desc's block is (BM, BLOCK_K))."""
     dt = out_ptr.dtype.element_ty
-    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rows = row0 + tl.arange(0, BM)
+    offs_n = n0 + tl.arange(0, BN)
     tok = tl.load(sorted_ptr + rows)
     t_mask = tok < num_valid
     o_ptrs = out_ptr + tok.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
     o_mask = t_mask[:, None] & (offs_n[None, :] < HIDDEN)
-    e = tl.load(experts_ptr + pid_m)
     if e == -1:
-        tl.store(o_ptrs, tl.zeros((BLOCK_M, BLOCK_N), dtype=dt), mask=o_mask)
+        tl.store(o_ptrs, tl.zeros((BM, BN), dtype=dt), mask=o_mask)
+    else:
+        b_row = e * HIDDEN + n0
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in tl.range(0, N_HALF, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
+            a = h_desc.load([row0, k])
+            b = w2_desc.load([b_row, k])
+            acc = tl.dot(a, b.T, acc)
+        w = tl.load(wts_ptr + tok, mask=t_mask, other=0.0)
+        acc = acc * w[:, None]
+        tl.store(o_ptrs, acc.to(dt), mask=o_mask)
+
+
+@triton.jit
+def grouped_down_kernel(
+    h_desc, hh_desc, w2_desc, sorted_ptr, experts_ptr, npost_ptr, wts_ptr, out_ptr,
+    num_valid, EM, HIDDEN, N_HALF, stride_om,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STAGES: tl.constexpr, WS: tl.constexpr, SPLIT_M: tl.constexpr, HALF_TAIL: tl.constexpr,
+):
+    """Down projection; SPLIT_M and HALF_TAIL as in grouped_up_act_kernel (hh_desc: the intermediate in
+    half blocks)."""
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(EM, BLOCK_M)
+    num_pid_n = tl.cdiv(HIDDEN, BLOCK_N)
+    pid_m, pid_n = _tile(pid, num_pid_m, num_pid_n, GROUP_M)
+    npost = tl.load(npost_ptr)
+    row0 = pid_m * BLOCK_M
+    if row0 >= npost:
         return
-    b_row = e * HIDDEN + pid_n * BLOCK_N
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in tl.range(0, N_HALF, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
-        a = h_desc.load([pid_m * BLOCK_M, k])
-        b = w2_desc.load([b_row, k])
-        acc = tl.dot(a, b.T, acc)
-    w = tl.load(wts_ptr + tok, mask=t_mask, other=0.0)
-    acc = acc * w[:, None]
-    tl.store(o_ptrs, acc.to(dt), mask=o_mask)
+    n0 = pid_n * BLOCK_N
+    if SPLIT_M:
+        HM: tl.constexpr = BLOCK_M // 2
+        e0 = tl.load(experts_ptr + 2 * pid_m)
+        has1 = row0 + HM < npost
+        e1 = tl.load(experts_ptr + 2 * pid_m + 1, mask=has1, other=-2)
+        if e0 == e1:
+            _down_tile(h_desc, w2_desc, sorted_ptr, wts_ptr, out_ptr, row0, e0, n0, num_valid, HIDDEN, N_HALF,
+                       stride_om, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, WS)
+        else:
+            _down_tile(hh_desc, w2_desc, sorted_ptr, wts_ptr, out_ptr, row0, e0, n0, num_valid, HIDDEN, N_HALF,
+                       stride_om, HM, BLOCK_N, BLOCK_K, STAGES, WS)
+            if has1:
+                _down_tile(hh_desc, w2_desc, sorted_ptr, wts_ptr, out_ptr, row0 + HM, e1, n0, num_valid, HIDDEN,
+                           N_HALF, stride_om, HM, BLOCK_N, BLOCK_K, STAGES, WS)
+    else:
+        e = tl.load(experts_ptr + pid_m)
+        if HALF_TAIL and tl.load(sorted_ptr + row0 + BLOCK_M // 2) >= num_valid:
+            _down_tile(hh_desc, w2_desc, sorted_ptr, wts_ptr, out_ptr, row0, e, n0, num_valid, HIDDEN, N_HALF,
+                       stride_om, BLOCK_M // 2, BLOCK_N, BLOCK_K, STAGES, WS)
+        else:
+            _down_tile(h_desc, w2_desc, sorted_ptr, wts_ptr, out_ptr, row0, e, n0, num_valid, HIDDEN, N_HALF,
+                       stride_om, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, WS)
 
 
 @triton.jit
@@ -355,7 +472,12 @@ def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", para
         align = _sglang_align() if x.is_cuda else align_torch
     if topk_ids.dtype != torch.int32:  # sglang's align kernel is written for its int32 ids
         topk_ids = topk_ids.to(torch.int32)
-    sorted_ids, expert_ids, npost = align(topk_ids, p.block_m, E)
+    split_m = p.split_m and not p.swap_ab
+    half_tail = p.half_tail and not p.swap_ab
+    # half-width last column tile only where it saves work: the remainder fits half a tile
+    rem = n_half % p.up_block_n
+    split_n = p.split_n and not p.swap_ab and 0 < rem <= p.up_block_n // 2
+    sorted_ids, expert_ids, npost = align(topk_ids, p.block_m // 2 if split_m else p.block_m, E)
     EM = sorted_ids.numel()
     inter = torch.empty(EM, n_half, device=x.device, dtype=x.dtype)
     w1_desc = _desc(w1.view(E * two_n, K), (p.up_block_n, p.up_block_k))
@@ -385,18 +507,21 @@ def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", para
             a_desc = _desc(a, (p.block_m, p.up_block_k))
         else:
             a_desc = w1_desc  # unused
+        w1h_desc = _desc(w1.view(E * two_n, K), (p.up_block_n // 2, p.up_block_k)) if split_n else w1_desc
+        hh_desc = _desc(inter, (p.block_m // 2, p.down_block_k)) if split_m or half_tail else h_desc
         grouped_up_act_kernel[up_grid](
-            x, a_desc, w1_desc, sorted_ids, expert_ids, npost, inter,
+            x, a_desc, w1_desc, w1h_desc, sorted_ids, expert_ids, npost, inter,
             topk_ids.numel(), EM, K, n_half, x.stride(0), inter.stride(0),
             TOPK=topk, ACT=ACTIVATIONS[activation], BLOCK_M=p.block_m, BLOCK_N=p.up_block_n,
             BLOCK_K=p.up_block_k, GROUP_M=p.group_m, STAGES=p.up_stages, A_TMA=p.a_tma,
-            WS=p.warp_specialize, num_warps=p.up_warps,
+            WS=p.warp_specialize, SPLIT_M=split_m, SPLIT_N=split_n, HALF_TAIL=half_tail, num_warps=p.up_warps,
         )
         grouped_down_kernel[down_grid](
-            h_desc, w2_desc, sorted_ids, expert_ids, npost, wts, cache3,
+            h_desc, hh_desc, w2_desc, sorted_ids, expert_ids, npost, wts, cache3,
             topk_ids.numel(), EM, hidden, n_half, cache3.stride(0),
             BLOCK_M=p.block_m, BLOCK_N=p.down_block_n, BLOCK_K=p.down_block_k, GROUP_M=p.group_m,
-            STAGES=p.down_stages, WS=p.warp_specialize, num_warps=p.down_warps,
+            STAGES=p.down_stages, WS=p.warp_specialize, SPLIT_M=split_m, HALF_TAIL=half_tail,
+            num_warps=p.down_warps,
         )
     if out is None or out.stride(-1) != 1 or out.dtype != x.dtype:
         y = torch.empty(M, hidden, device=x.device, dtype=x.dtype)

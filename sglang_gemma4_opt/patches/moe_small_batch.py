@@ -12,7 +12,8 @@ Why:      decode: sglang runs moe_align_block_size, an up GEMM in 16-row tensor-
           buffer, run the activation as a third launch and sum the top-k with torch; at M >= 2048 on H200
           that runs at 250-390 TFLOP/s whatever the tile table. `kernels/moe_grouped.py`: weight tiles through
           TMA, gate and up in one program with the activation fused, the down GEMM reading the sorted
-          intermediate through TMA, a streaming top-k sum.
+          intermediate through TMA, an expert's last tile at half height when half of it is padding, a
+          streaming top-k sum.
 Routing:  per call, cheapest check first: M between the small-batch table's max and the grouped table's
           min (`configs/moe_small_batch.json`, `configs/moe_grouped.json`; a GPU or shape in neither never
           takes either path) -> sglang with one comparison; sglang's deterministic inference -> sglang (the

@@ -41,6 +41,10 @@ def _inputs(M, N, seed):
 VARIANTS = {
     "pointer": dict(),
     "a_tma": dict(a_tma=True),
+    # half tiles: each expert padded to 64 rows, the last of 6 column tiles at N=704 64 wide
+    "split": dict(split_m=True, split_n=True, up_block_n=128, down_block_n=256, up_stages=4, down_stages=4),
+    # tiles whose second half is padding at half height (alignment to 128 rows as sglang's)
+    "half_tail": dict(half_tail=True, split_n=True, up_block_n=128, down_block_n=256, up_stages=4, down_stages=4),
     "swap_t64": dict(swap_ab=True, block_m=64, up_block_n=128, up_warps=4, down_block_n=128, down_warps=4),
     "swap_t32": dict(swap_ab=True, block_m=32, up_block_n=128, up_block_k=128, up_warps=4, down_block_n=128,
                      down_block_k=128, down_warps=4),
@@ -140,3 +144,4 @@ def test_sglang_fused_experts_reaches_grouped_from_min_m(sbs, monkeypatch):
         ref = moe_reference(x, w13, w2, w, ids)
         assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
     assert calls == [min_m, min_m + 333]
+
