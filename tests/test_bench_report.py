@@ -94,3 +94,20 @@ def test_grouped_rows_are_named_and_never_count_as_same_configs():
     assert not report.grouped(_moe(4096, 1.0, a, a))
     _, rs = report.rows("fused_moe", [g])
     assert rs[0][2] == "grouped kernels"
+
+
+def test_kernel_breakdown_diagnostics_line(tmp_path):
+    """A moe_kernel_breakdown file (benchmarks/scripts/moe_kernel_breakdown.py) gets one line with the grouped
+    up / down / top-k sum kernel times and sglang's GEMM time per M, taken from the file."""
+    up, down, sm, sg = 341.7, 184.2, 26.4, 612.9
+    row = {"M": 2048,
+           "grouped": {"grouped_up_act_kernel": up, "grouped_down_kernel": down, "topk_sum_kernel": sm,
+                       "void moe_align_block_size_kernel<int>(...)": 8.7},
+           "sglang_plugin_tables": {"fused_moe_kernel": sg, "void moe_sum_reduce_warp_per_token_vec_kernel": 25.6}}
+    d = tmp_path / "diagnostics"
+    d.mkdir()
+    (d / "moe_kernel_breakdown-N704-GPU.json").write_text(json.dumps({"header": {}, "N": 704, "rows": [row]}))
+    lines = [x for x in report._diagnostics(d) if x.startswith("- ")]
+    assert len(lines) == 1
+    want = f"M=2048: {report._us(up)} / {report._us(down)} / {report._us(sm)} vs {report._us(sg)}"
+    assert want in lines[0], lines[0]

@@ -49,6 +49,15 @@ def test_align_torch_contract():
     assert -1 in ex[: n // bm].tolist()
 
 
+def _check_against_reference_and_sglang(x, w1, w2, w, ids, act, params):
+    out = mg.fused_moe_grouped(x, w1, w2, w, ids, act, params=params)
+    ref = reference_fp32(x, w1, w2, w, ids, act)
+    assert out.dtype == x.dtype and out.shape == x.shape
+    assert (out.float() - ref).abs().max() <= 1e-2 * max(1.0, float(ref.abs().max()))
+    mirror = sglang_rounding(x, w1, w2, w, ids, act)
+    assert (out.float() - mirror.float()).abs().max() <= 2 * 2 ** -10 * max(1.0, float(mirror.abs().max()))
+
+
 PARAMS = [
     mg.GroupedParams(block_m=16, up_block_n=16, up_block_k=16, down_block_n=16, down_block_k=16, group_m=2),
     mg.GroupedParams(block_m=16, up_block_n=32, up_block_k=32, down_block_n=32, down_block_k=16, group_m=1,
@@ -69,12 +78,7 @@ PARAMS = [
 def test_kernels_match_reference_and_sglangs_rounding(M, E, N, K, topk, act, params):
     x, w1, w2, w, ids = _moe(M, E, N, K, topk, seed=M * 11 + N)
     ids[1, 0] = -1  # an expert filtered out (EP): contributes nothing
-    out = mg.fused_moe_grouped(x, w1, w2, w, ids, act, params=params)
-    ref = reference_fp32(x, w1, w2, w, ids, act)
-    assert out.dtype == x.dtype and out.shape == (M, K)
-    assert (out.float() - ref).abs().max() <= 1e-2 * max(1.0, float(ref.abs().max()))
-    mirror = sglang_rounding(x, w1, w2, w, ids, act)
-    assert (out.float() - mirror.float()).abs().max() <= 2 * 2 ** -10 * max(1.0, float(mirror.abs().max()))
+    _check_against_reference_and_sglang(x, w1, w2, w, ids, act, params)
 
 
 SPLIT = [
@@ -140,12 +144,7 @@ def test_split_tiles_match_reference_and_sglangs_rounding(M, E, N, K, topk, act,
         assert padded_full > 0 and half > 0, (padded_full, half)
     if params.split_n:
         assert 0 < N % params.up_block_n <= params.up_block_n // 2
-    out = mg.fused_moe_grouped(x, w1, w2, w, ids, act, params=params)
-    ref = reference_fp32(x, w1, w2, w, ids, act)
-    assert out.dtype == x.dtype and out.shape == (M, K)
-    assert (out.float() - ref).abs().max() <= 1e-2 * max(1.0, float(ref.abs().max()))
-    mirror = sglang_rounding(x, w1, w2, w, ids, act)
-    assert (out.float() - mirror.float()).abs().max() <= 2 * 2 ** -10 * max(1.0, float(mirror.abs().max()))
+    _check_against_reference_and_sglang(x, w1, w2, w, ids, act, params)
 
 
 @pytest.mark.parametrize("fields", [

@@ -19,6 +19,7 @@ from sglang_gemma4_opt.bench.common import env_header, side_by_side, time_varian
 from sglang_gemma4_opt.bench import fused_moe as fm
 from sglang_gemma4_opt.patches.moe_configs import CONFIG_ROOT
 from sglang_gemma4_opt.kernels import moe_grouped as mg
+from sglang_gemma4_opt.bench.tune_moe_grouped import CANDIDATES
 from sglang_gemma4_opt.kernels.moe_small_batch import _act, shape_key
 
 sbs = side_by_side()
@@ -26,6 +27,7 @@ OUT = os.environ.get("OUT", ".")
 N = int(os.environ.get("PROBE_N", "704"))
 PR_ROOT = Path("benchmarks/baselines/pr26588")
 GPU = torch.cuda.get_device_name()
+FALLBACK = CANDIDATES["bm128_u128x64w8s4_d256x64w8s4"]  # a GPU or M the table does not hold
 
 
 @triton.jit
@@ -124,8 +126,7 @@ for M in ms:
     except Exception as e:  # noqa
         row["table_error"] = repr(e)[:200]
     if p is None:
-        p = mg.GroupedParams(block_m=128, up_block_n=128, up_block_k=64, up_warps=8, up_stages=4,
-                             down_block_n=256, down_block_k=64, down_warps=8, down_stages=4)
+        p = mg.GroupedParams(**FALLBACK)
     row["grouped_params"] = p.as_dict()
     err("grouped", mg.fused_moe_grouped(x, w.w13, w.w2, tw, ids, "gelu", params=p))
     variants["grouped"] = (lambda i: mg.fused_moe_grouped(x, w.w13, w.w2, *routes[i % calls], "gelu", params=p), None)

@@ -19,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 from sglang_gemma4_opt.bench import fused_moe as fm
 from sglang_gemma4_opt.bench.common import env_header, side_by_side
 from sglang_gemma4_opt.kernels import moe_grouped as mg
+from sglang_gemma4_opt.bench.tune_moe_grouped import CANDIDATES
 from sglang_gemma4_opt.kernels.moe_small_batch import shape_key
 from sglang_gemma4_opt.patches.moe_configs import CONFIG_ROOT
 
@@ -28,6 +29,7 @@ K, TOPK = 2816, 8
 ITERS = int(os.environ.get("PROBE_ITERS", "20"))
 PR_ROOT = Path("benchmarks/baselines/pr26588")
 GPU = torch.cuda.get_device_name()
+FALLBACK = CANDIDATES["bm128_u128x64w8s4_d256x64w8s4"]  # a GPU or M the table does not hold
 HBM_TBS = {"NVIDIA H200": 4.8, "NVIDIA H100 80GB HBM3": 3.35}.get(GPU)
 
 
@@ -71,9 +73,7 @@ def main():
                 continue
             with fm._both(sbs, fm.use_tables(sbs, root), "stock"):
                 row[label] = kernel_times(lambda: fe(x, w.w13, w.w2, fm.topk_output(tw, ids), rcfg))
-        p = mg.params_for(table, GPU, key, M) or mg.GroupedParams(
-            block_m=128, up_block_n=128, up_block_k=64, up_warps=8, up_stages=4,
-            down_block_n=256, down_block_k=64, down_warps=8, down_stages=4)
+        p = mg.params_for(table, GPU, key, M) or mg.GroupedParams(**FALLBACK)
         row["grouped_params"] = p.as_dict()
         row["grouped"] = kernel_times(lambda: mg.fused_moe_grouped(x, w.w13, w.w2, tw, ids, "gelu", params=p))
         for name, t in row["grouped"].items():

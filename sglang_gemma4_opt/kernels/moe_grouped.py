@@ -109,6 +109,13 @@ def _tile(pid, num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _second_half_is_padding(sorted_ptr, row0, num_valid, BLOCK_M: tl.constexpr):
+    """half_tail's test, shared by both kernels so they cut the same tiles: padding (sorted id num_valid)
+    sits at the end of an expert's run, so the tile's middle row tells whether its second half is empty."""
+    return tl.load(sorted_ptr + row0 + BLOCK_M // 2) >= num_valid
+
+
+@triton.jit
 def _up_tile(x_ptr, a_desc, w_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF, stride_xm, stride_om,
              TOPK: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_K: tl.constexpr,
              STAGES: tl.constexpr, A_TMA: tl.constexpr, WS: tl.constexpr):
@@ -204,7 +211,7 @@ def grouped_up_act_kernel(
                          N_HALF, stride_xm, stride_om, TOPK, ACT, HM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N)
     else:
         e = tl.load(experts_ptr + pid_m)
-        if HALF_TAIL and tl.load(sorted_ptr + row0 + BLOCK_M // 2) >= num_valid:
+        if HALF_TAIL and _second_half_is_padding(sorted_ptr, row0, num_valid, BLOCK_M):
             _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF,
                      stride_xm, stride_om, TOPK, ACT, BLOCK_M // 2, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N)
         else:
@@ -272,7 +279,7 @@ def grouped_down_kernel(
                            N_HALF, stride_om, HM, BLOCK_N, BLOCK_K, STAGES, WS)
     else:
         e = tl.load(experts_ptr + pid_m)
-        if HALF_TAIL and tl.load(sorted_ptr + row0 + BLOCK_M // 2) >= num_valid:
+        if HALF_TAIL and _second_half_is_padding(sorted_ptr, row0, num_valid, BLOCK_M):
             _down_tile(hh_desc, w2_desc, sorted_ptr, wts_ptr, out_ptr, row0, e, n0, num_valid, HIDDEN, N_HALF,
                        stride_om, BLOCK_M // 2, BLOCK_N, BLOCK_K, STAGES, WS)
         else:
