@@ -169,6 +169,7 @@ def test_mode_env():
             == "extend_attention_kernel,moe_configs,moe_small_batch")
     assert e2e.mode_env("no-small-moe", {}, None)["SGLANG_GEMMA4_OPT_DISABLE"] == "moe_small_batch"
     assert e2e.mode_env("no-grouped-moe", {}, None)["SGLANG_GEMMA4_OPT_DISABLE"] == "moe_grouped"
+    assert e2e.mode_env("no-hd512-gluon", {}, None)["SGLANG_GEMMA4_OPT_DISABLE"] == "extend_attention_hd512"
     with pytest.raises(ValueError):
         e2e.mode_env("pr", {}, None)
     env = e2e.apply_env({"SGLANG_GEMMA4_OPT_DISABLE": "qkv_rmsnorm", "X": "1"}, e2e.mode_env("on", {}, None))

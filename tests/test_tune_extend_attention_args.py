@@ -26,3 +26,15 @@ def test_configs_match_the_kernel_launcher():
         for c in cfgs:
             assert len(c) == 6 and isinstance(c[4], bool)
             assert te.parse_config(f"{hd}:{c[0]},{c[1]},{c[2]},{c[3]},{int(c[4])},{c[5]}") == (hd, c)
+
+
+def test_shared_softmax_variants_only_without_prefix():
+    """The Gluon head-dim-512 kernel is swept on fresh-prefill shapes only (it does not take prefix keys)."""
+    from sglang_gemma4_opt.kernels.extend_attention import SharedSoftmax
+
+    for name, (hd, _, _, _, prefix, _) in te.SHAPES.items():
+        ss = [cfg for _, kind, cfg in te._variants(hd, any(prefix)) if isinstance(cfg, SharedSoftmax)]
+        want = [SharedSoftmax(bn) for bn in te.SHARED_SOFTMAX_BNS] if hd == 512 and not any(prefix) else []
+        assert ss == want, name
+    assert te._config_json(SharedSoftmax(64)) == ["shared_softmax", 64]
+    assert te._config_json((128, 32, 8, 2, False, 2)) == [128, 32, 8, 2, False, 2]

@@ -16,6 +16,8 @@ Modes (the environment each process gets; `SGLANG_GEMMA4_OPT_DISABLE` turns sing
     no-attn    every plugin patch but `extend_attention_kernel` (the plugin's MoE tables)
     no-small-moe  every plugin patch but `moe_small_batch` (sglang's MoE kernels at every batch size)
     no-grouped-moe  every plugin patch, its prefill MoE path off (switch `moe_grouped`)
+    no-hd512-gluon  every plugin patch, head dim 512 attention on the Triton kernel instead of the Gluon one
+                    (switch `extend_attention_hd512`)
     on         every plugin patch
 The PR's tables come from `--pr-moe-tables` (default `benchmarks/baselines/pr26588`, a folder of
 `triton_<ver>/E=...json`). Where the PR has no table for the GPU (it has only H200 ones), `pr` and
@@ -71,6 +73,7 @@ SUITE = "e2e"
 ENV_ENABLE, ENV_DISABLE, ENV_MOE_DIR = "SGLANG_GEMMA4_OPT", "SGLANG_GEMMA4_OPT_DISABLE", "SGLANG_MOE_CONFIG_DIR"
 ATTN_PATCH, MOE_PATCH, SMALL_MOE_PATCH = "extend_attention_kernel", "moe_configs", "moe_small_batch"
 GROUPED_MOE_SWITCH = "moe_grouped"  # the prefill path inside moe_small_batch (patches/moe_small_batch.py)
+HD512_SWITCH = "extend_attention_hd512"  # the Gluon head-dim-512 kernel inside extend_attention_kernel
 PR_MOE_TABLES = Path("benchmarks") / "baselines" / "pr26588"  # relative to the working directory or the repo
 DEFAULT_INPUT_LEN = 1024  # its results file has no input-length tag (e2e-<GPU>.json)
 
@@ -92,6 +95,7 @@ MODES = {m.name: m for m in (
     Mode("no-attn", "plugin on without extend_attention_kernel", True, (ATTN_PATCH,)),
     Mode("no-small-moe", "plugin on without moe_small_batch", True, (SMALL_MOE_PATCH,)),
     Mode("no-grouped-moe", "plugin on without the grouped prefill MoE", True, (GROUPED_MOE_SWITCH,)),
+    Mode("no-hd512-gluon", "plugin on without the Gluon head-dim-512 attention", True, (HD512_SWITCH,)),
     Mode("on", "plugin on", True),
 )}
 MODE_ORDER = tuple(MODES)  # off -> pr -> ... -> on: how the report orders columns
@@ -118,10 +122,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="processes to run, in this order (default: off on): off = stock sglang; pr = PR #26588's state "
                         "(plugin without extend_attention_kernel, PR's MoE tables); on-pr-moe = plugin with the PR's "
                         "MoE tables; no-attn = plugin without extend_attention_kernel; no-small-moe = plugin without "
-                        "moe_small_batch; no-grouped-moe = plugin without its prefill MoE path; on = plugin")
+                        "moe_small_batch; no-grouped-moe = plugin without its prefill MoE path; no-hd512-gluon = plugin "
+                        "without its Gluon head-dim-512 attention; on = plugin")
     p.add_argument("--compare", nargs="+", default=None, metavar="A:B",
                    help="baseline:candidate mode pairs to record (default: every mode vs off when off runs, plus "
-                        "on-pr-moe:on, no-attn:on, no-small-moe:on and no-grouped-moe:on when both ends run)")
+                        "on-pr-moe:on, no-attn:on, no-small-moe:on, no-grouped-moe:on and no-hd512-gluon:on when both ends "
+                        "run)")
     p.add_argument("--pr-moe-tables", default=None, metavar="DIR",
                    help="PR #26588's MoE tables, a folder of triton_<ver>/E=...json, for the pr and on-pr-moe modes "
                         f"(default: {PR_MOE_TABLES} in the working directory or the repo)")
@@ -167,7 +173,8 @@ def resolve_pairs(modes: list[str], compare: list[str] | None) -> list[tuple[str
                 pairs.append((a, b))
         return pairs
     pairs = [("off", m) for m in modes if m != "off"] if "off" in modes else []
-    for a, b in (("on-pr-moe", "on"), ("no-attn", "on"), ("no-small-moe", "on"), ("no-grouped-moe", "on")):
+    for a, b in (("on-pr-moe", "on"), ("no-attn", "on"), ("no-small-moe", "on"), ("no-grouped-moe", "on"),
+                 ("no-hd512-gluon", "on")):
         if a in modes and b in modes and (a, b) not in pairs:
             pairs.append((a, b))
     if not pairs and len(modes) > 1:

@@ -26,6 +26,15 @@ TITLES = {
 }
 
 
+def _attention_kernel(r) -> str:
+    """What ran the plugin side of an extend_attention record, for the README's note under the table."""
+    cfg, hd = r.get("candidate_config"), r["case"]["head_dim"]
+    if cfg and cfg[0] == "shared_softmax":
+        return f"Gluon shared-softmax kernel (BLOCK_M 64, BLOCK_N {cfg[1]}) at head dim {hd}"
+    if cfg:
+        return f"Triton kernel (BLOCK_M, BLOCK_N, warps, stages, tma, dv_split) = {tuple(cfg)} at head dim {hd}"
+    return f"{r['candidate']} at head dim {hd}"
+
 def is_pr_baseline(r) -> bool:
     """A fused_moe record whose baseline is sglang PR #26588's tables (label like 'pr26588 table')."""
     return bool(re.search(r"\bpr", str(r.get("baseline", "")), re.IGNORECASE))
@@ -360,11 +369,8 @@ def generate(results_dir: Path) -> str:
             if all("pr_us" in r for r in recs):
                 extra.append("Stock: sglang's kernel with its (128, 64) blocks; PR: the same kernel with PR #26588's "
                              "(64, 64) blocks (the `extend_attention_blocks` patch); plugin: the "
-                             "`extend_attention_kernel` patch's path, the plugin's Hopper kernel with (BLOCK_M, "
-                             "BLOCK_N, warps, stages, tma, dv_split) = " + "; ".join(dict.fromkeys(
-                                 f"{tuple(r['candidate_config'])} at head dim {r['case']['head_dim']}"
-                                 if r.get("candidate_config") else f"{r['candidate']} at head dim {r['case']['head_dim']}"
-                                 for r in recs)) + ". Relative error: "
+                             "`extend_attention_kernel` patch's path, the plugin's Hopper kernels: " + "; ".join(
+                                 dict.fromkeys(_attention_kernel(r) for r in recs)) + ". Relative error: "
                              "‖out − ref‖ / ‖ref‖ against float32 attention on the same bf16 inputs.")
         if suite == "fused_moe":
             wdt = "fp8, one byte each" if r0["case"].get("dtype") == "fp8_w8a8" else "bf16"

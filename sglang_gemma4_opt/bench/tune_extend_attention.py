@@ -31,6 +31,8 @@ CONFIGS = {
     512: [(64, 32, 8, 2, True, 1), (64, 32, 8, 2, False, 1), (64, 16, 8, 3, True, 1), (64, 16, 8, 4, True, 1),
           (128, 32, 8, 2, True, 2), (128, 16, 8, 3, True, 2), (128, 32, 8, 2, False, 2)],
 }
+# the Gluon head-dim-512 kernel (calls without prefix keys only): its key tile sizes
+SHARED_SOFTMAX_BNS = (32, 64)
 DEVICE = "cuda"
 SGLANG_BLOCKS = {"stock": (128, 64), "pr": (64, 64)}  # head dim 256; 512 runs sglang's (32, 64) for both
 
@@ -83,10 +85,23 @@ def _call(fn, case, window, out=None, **kw):
     return c["o_extend"]
 
 
-def _variants(hd):
+def _variants(hd, has_prefix=False):
+    from ..kernels.extend_attention import SharedSoftmax
+
     out = [("sglang stock blocks", "stock", None), ("sglang PR blocks", "pr", None)] if hd == 256 else \
         [("sglang (32, 64)", "stock", None)]
-    return out + [(f"hopper {cfg}", "ours", cfg) for cfg in CONFIGS[hd]]
+    out += [(f"hopper {cfg}", "ours", cfg) for cfg in CONFIGS[hd]]
+    if hd == 512 and not has_prefix:
+        out += [(f"hopper shared-softmax (64, {bn})", "ours", SharedSoftmax(bn)) for bn in SHARED_SOFTMAX_BNS]
+    return out
+
+
+def _config_json(cfg):
+    from ..kernels.extend_attention import SharedSoftmax
+
+    if isinstance(cfg, SharedSoftmax):
+        return ["shared_softmax", cfg.block_n]
+    return list(cfg) if cfg else None
 
 
 def _compile_job(job):
@@ -116,7 +131,7 @@ def precompile(names, jobs):
 
     todo = []
     for name in names:
-        for _, kind, cfg in _variants(SHAPES[name][0]):
+        for _, kind, cfg in _variants(SHAPES[name][0], any(SHAPES[name][4])):
             todo.append((name, kind, cfg))
     t0 = time.time()
     with mp.get_context("spawn").Pool(jobs) as pool:
@@ -142,8 +157,8 @@ def sweep(names, rep_ms=100):
                            case["qo_indptr"], case["kv_indptr"], case["kv_indices"], None, w)
         flops = 4 * hq * hd * attended_pairs(pl, el, w)
         rows = []
-        for label, kind, cfg in _variants(hd):
-            row = dict(shape=name, variant=label, config=list(cfg) if cfg else None)
+        for label, kind, cfg in _variants(hd, any(pl)):
+            row = dict(shape=name, variant=label, config=_config_json(cfg))
             try:
                 if kind == "ours":
                     def run(out=None):

@@ -22,11 +22,19 @@ What is different from sglang's kernel (speed only):
     each program owning half of the output columns (DV_SPLIT=2, also 1.5x, faster in the sweep);
   * exp2 with log2(e) folded into the scale; scores scaled after the row max on clean tiles.
 Block shapes come from a small per-GPU table (`CONFIGS`), tuned offline, never at serving time.
+
+Head dim 512 calls without prefix keys (fresh prefill, as in every chunk-free prompt) go instead to the
+Gluon kernel in `extend_attention_hd512.py` where the GPU's `SHARED_SOFTMAX` entry says so: one
+program of two warpgroups shares one softmax, so the QK product is computed once (1x the counted
+work instead of 1.5x). Calls with prefix keys, q/k/v that cannot be TMA tensors, a triton without
+Gluon, or `SGLANG_GEMMA4_OPT_DISABLE=extend_attention_hd512` stay on the Triton kernel here.
 """
 
 from __future__ import annotations
 
-from typing import Any, Optional
+import logging
+from dataclasses import dataclass
+from typing import Any, Optional, Union
 
 import torch
 import triton
@@ -50,6 +58,25 @@ CONFIGS: dict[str, dict[int, Config]] = {
     "NVIDIA H200": {256: (128, 64, 8, 2, True, 1), 512: (128, 32, 8, 2, False, 2)},
     "NVIDIA H100 80GB HBM3": {256: (128, 64, 8, 2, True, 1), 512: (128, 32, 8, 2, False, 2)},
 }
+
+
+
+@dataclass(frozen=True)
+class SharedSoftmax:
+    """Launch of the Gluon head-dim-512 kernel (`extend_attention_hd512.py`): key tile BLOCK_N."""
+    block_n: int = 64
+
+
+# GPU name -> the Gluon head-dim-512 kernel's launch for calls without prefix keys (absent: the Triton
+# kernel's CONFIGS entry runs them). Swept 2026-11-24 (session 9, kernels/NOTES-extend-attention.md):
+# hd512 8x1024, BLOCK_N 64 / BLOCK_N 32 / the Triton entry: H100 461 / 627 / 657 us, H200 458 / 627 /
+# 657 us. The GPU tests cover every entry of this table.
+SHARED_SOFTMAX: dict[str, SharedSoftmax] = {
+    "NVIDIA H100 80GB HBM3": SharedSoftmax(64),
+    "NVIDIA H200": SharedSoftmax(64),
+}
+DEFAULT_SM90_SHARED_SOFTMAX = SharedSoftmax(64)
+HD512_SWITCH = "extend_attention_hd512"  # SGLANG_GEMMA4_OPT_DISABLE=extend_attention_hd512: Gluon kernel off
 
 
 @triton.jit
@@ -258,7 +285,58 @@ def _device_info(device: torch.device) -> tuple[tuple[int, int], str]:
 
 
 def config_for(device_name: str, head_dim: int) -> Config:
+    """The Triton kernel's launch shape on this GPU (every call can run it)."""
     return CONFIGS.get(device_name, DEFAULT_SM90).get(head_dim, DEFAULT_SM90[head_dim])
+
+
+def hd512_gluon_enabled() -> bool:
+    """False when SGLANG_GEMMA4_OPT_DISABLE names extend_attention_hd512, or the Gluon kernel failed once
+    in this process (its error is logged once and the Triton kernel takes over)."""
+    from ..settings import disabled_patches
+
+    return not _GLUON_FAILED and HD512_SWITCH not in disabled_patches()
+
+
+_GLUON_FAILED: list = []  # the first exception the Gluon kernel raised in this process
+_GLUON_IMPORT: list = []  # [module] or [exception], imported on first use
+
+
+def _gluon_module():
+    """kernels/extend_attention_hd512, or None when this triton has no (usable) Gluon."""
+    if not _GLUON_IMPORT:
+        try:
+            from . import extend_attention_hd512 as g
+
+            _GLUON_IMPORT.append(g)
+        except Exception as e:  # older triton: no gluon / no hopper gluon ops
+            _GLUON_IMPORT.append(e)
+    m = _GLUON_IMPORT[0]
+    return None if isinstance(m, Exception) else m
+
+
+def plan_for(device_name: str, head_dim: int, has_prefix: bool) -> Union[Config, SharedSoftmax]:
+    """The launch a call gets from the tables: the Gluon kernel's for head dim 512 without prefix keys
+    where the GPU has a SHARED_SOFTMAX entry (or is an unlisted sm90 GPU) and Gluon is on, else the
+    Triton kernel's. (extend_attention_fwd still falls back to the Triton kernel when q/k/v cannot be
+    TMA tensors or Gluon does not import.)"""
+    if head_dim == 512 and not has_prefix and hd512_gluon_enabled():
+        ss = SHARED_SOFTMAX.get(device_name, None if device_name in CONFIGS else DEFAULT_SM90_SHARED_SOFTMAX)
+        if ss is not None:
+            return ss
+    return config_for(device_name, head_dim)
+
+
+def shared_softmax_reason(q_extend, k_extend, v_extend, kv_indices) -> Optional[str]:
+    """None when the Gluon head-dim-512 kernel can run this (already supported) call, else why not."""
+    if q_extend.shape[-1] != 512:
+        return "head dim not 512"
+    if kv_indices.numel() > 0:
+        return "prefix keys"
+    if not _tma_ok(q_extend, k_extend, v_extend):
+        return "q/k/v not TMA-able"
+    if _gluon_module() is None:
+        return f"no Gluon in this triton ({_GLUON_IMPORT[0]})"
+    return None
 
 
 def _unit_scale(s) -> bool:
@@ -347,11 +425,13 @@ def extend_attention_fwd(
     q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_indptr, kv_indptr, kv_indices,
     custom_mask, is_causal, mask_indptr, max_len_extend, k_scale, v_scale, sm_scale=None, logit_cap=0.0,
     skip_prefix_custom_mask=True, sliding_window_size=-1, sinks=None, window_kv_offsets=None,
-    xai_temperature_len=-1, *, config: Optional[Config] = None,
+    xai_temperature_len=-1, *, config: Union[Config, SharedSoftmax, None] = None,
 ):
     """sglang's `extend_attention_fwd` for the calls `unsupported_reason` accepts (raises otherwise).
 
-    `config` = (BLOCK_M, BLOCK_N, num_warps, num_stages, tma, dv_split) overrides the per-GPU table.
+    `config` overrides the per-GPU tables: a Config tuple (BLOCK_M, BLOCK_N, num_warps, num_stages, tma,
+    dv_split) runs the Triton kernel, a SharedSoftmax the Gluon head-dim-512 kernel (raises for a call
+    outside its scope, see `shared_softmax_reason`).
     """
     why = unsupported_reason(q_extend, k_extend, v_extend, o_extend, k_buffer, v_buffer, qo_indptr,
                              kv_indptr, kv_indices, custom_mask, is_causal, mask_indptr, max_len_extend,
@@ -361,13 +441,30 @@ def extend_attention_fwd(
     if why is not None:
         raise ValueError(f"hopper extend attention does not support this call: {why}")
     D = q_extend.shape[-1]
-    if config is None:
-        config = config_for(_device_info(q_extend.device)[1], D)
-    block_m, block_n, num_warps, num_stages, tma, dv_split = config
     sm_scale = sm_scale or 1.0 / (D ** 0.5)
+    window = sliding_window_size > 0
+    if config is None:
+        name = _device_info(q_extend.device)[1]
+        config = plan_for(name, D, kv_indices.numel() > 0)
+        if isinstance(config, SharedSoftmax):
+            if shared_softmax_reason(q_extend, k_extend, v_extend, kv_indices) is None:
+                try:
+                    return _run_shared_softmax(q_extend, k_extend, v_extend, o_extend, qo_indptr, max_len_extend,
+                                               sm_scale, sliding_window_size, config)
+                except Exception as e:  # e.g. a compile failure: the Triton kernel still answers
+                    _GLUON_FAILED.append(e)
+                    logging.getLogger("sglang_gemma4_opt").warning(
+                        "sglang-gemma4-opt: head-dim-512 Gluon attention failed, using the Triton kernel: %s", e)
+            config = config_for(name, D)
+    elif isinstance(config, SharedSoftmax):
+        why = shared_softmax_reason(q_extend, k_extend, v_extend, kv_indices)
+        if why is not None:
+            raise ValueError(f"the shared-softmax head-dim-512 kernel does not support this call: {why}")
+        return _run_shared_softmax(q_extend, k_extend, v_extend, o_extend, qo_indptr, max_len_extend, sm_scale,
+                                   sliding_window_size, config)
+    block_m, block_n, num_warps, num_stages, tma, dv_split = config
     batch = qo_indptr.shape[0] - 1
     Hq, Hkv = q_extend.shape[1], k_extend.shape[1]
-    window = sliding_window_size > 0
     grid = (triton.cdiv(max_len_extend, block_m), Hq * dv_split, batch)
     q_arg, k_arg, v_arg = q_extend, k_extend, v_extend
     if tma and _tma_ok(q_extend, k_extend, v_extend):
@@ -390,6 +487,13 @@ def extend_attention_fwd(
         num_warps=num_warps, num_stages=num_stages,
     )
     return o_extend
+
+
+def _run_shared_softmax(q, k, v, o, qo_indptr, max_len_extend, sm_scale, sliding_window_size, config):
+    g = _gluon_module()
+    window = int(sliding_window_size) if sliding_window_size > 0 else 0
+    g.launch(q, k, v, o, qo_indptr, max_len_extend, float(sm_scale) * LOG2E, window, config.block_n)
+    return o
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,10 @@ Why:      Gemma4 prefill runs sglang's Triton extend attention (head dim 512 on 
           tile from 0 even under a sliding window; on H200 it reaches ~85 TFLOP/s at head dim 256 with
           the (64, 64) blocks of PR #26588. `kernels/extend_attention.py` is pipelined, visits only the
           tiles a window or the causal diagonal leave, and uses per-GPU block shapes
-          (`kernels/NOTES-extend-attention.md` has the measurements).
+          (`kernels/NOTES-extend-attention.md` has the measurements). Head dim 512 without prefix
+          keys runs `kernels/extend_attention_hd512.py` (Gluon: one softmax shared by two warpgroups,
+          QK computed once); `SGLANG_GEMMA4_OPT_DISABLE=extend_attention_hd512` keeps it on the Triton
+          kernel, and an error in it falls back to the Triton kernel for the rest of the process.
 Routing:  sglang's deterministic-inference mode always runs sglang's kernel. Otherwise every call is
           checked (Python scalars and tensor metadata only, no device sync): causal, no
           custom mask, no sinks, k/v scales None or 1.0, logit cap <= 0, no xai temperature, head dim
@@ -30,7 +33,7 @@ from ..core import HookSpec, NotApplicable, TargetChanged, import_first, sglang_
 from ..settings import trace_enabled
 
 NAME = "extend_attention_kernel"
-SUMMARY = "Hopper Triton extend attention (pipelined, window-aware) for head dims 256/512"
+SUMMARY = "Hopper Triton extend attention (pipelined, window-aware) for head dims 256/512, Gluon at 512"
 UPSTREAM = "none (plugin-only kernel)"
 REMOVE_WHEN = "sglang's extend attention matches it on Hopper at head dims 256/512"
 

@@ -103,6 +103,98 @@ def test_sglang_backend_index_dtypes(hd):
     _check(c64, w)
 
 
+SHARED_SOFTMAX_CASES = [
+    # extend lens, q heads, kv heads, sliding_window_size, dtype, q as a view of a fused qkv buffer
+    ([1024, 517, 1], 16, 2, -1, torch.bfloat16, False),
+    ([1, 63, 64, 65, 200, 1000], 16, 2, -1, torch.bfloat16, False),
+    ([1, 63, 64, 65, 200, 1000], 16, 2, 100, torch.bfloat16, False),  # window edge tiles
+    ([5, 1500, 1100], 16, 2, 1023, torch.bfloat16, False),
+    ([33, 97], 16, 2, 31, torch.bfloat16, False),
+    ([1, 63, 64, 65, 200, 1000], 16, 2, -1, torch.float16, False),
+    ([77, 300, 129], 16, 8, -1, torch.bfloat16, True),                # GQA 2, strided q
+]
+
+
+@pytest.mark.parametrize("el,hq,hkv,w,dt,fused", SHARED_SOFTMAX_CASES)
+def test_shared_softmax_kernel(el, hq, hkv, w, dt, fused):
+    """The Gluon head-dim-512 kernel at each key tile it is built for (fresh prefill, no prefix)."""
+    from sglang_gemma4_opt.kernels import extend_attention as ka
+    from sglang_gemma4_opt.kernels import extend_attention_hd512 as g
+
+    case = ka.random_case([0] * len(el), el, hq, hkv, 512, dtype=dt, device="cuda")
+    if fused:
+        n = case["q_extend"].shape[0]
+        qkv = torch.randn(n, (hq + 2 * hkv) * 512, device="cuda", dtype=dt)
+        q = qkv[:, :hq * 512].view(n, hq, 512)
+        q.copy_(case["q_extend"])
+        case["q_extend"] = q
+    for bn in g.BLOCK_NS:
+        _check(case, w, config=ka.SharedSoftmax(bn))
+
+
+def test_shared_softmax_next_request_rows_do_not_leak():
+    """The last key tile of a request reaches into the next request's rows; p is 0 there, but inf/nan
+    values in those rows must not reach the output (0 * inf = nan)."""
+    from sglang_gemma4_opt.kernels import extend_attention as ka
+    from sglang_gemma4_opt.kernels import extend_attention_hd512 as g
+
+    case = ka.random_case([0, 0], [100, 50], 16, 2, 512, device="cuda")
+    case["v_extend"][100:] = float("inf")
+    case["k_extend"][100:] = float("nan")
+    one = {k: v[:100] if k in ("q_extend", "k_extend", "v_extend", "o_extend") else v for k, v in case.items()}
+    ref = ka.reference(one["q_extend"], one["k_extend"], one["v_extend"], case["k_buffer"], case["v_buffer"],
+                       torch.tensor([0, 100], device="cuda"), case["kv_indptr"][:2], case["kv_indices"], None, -1)
+    for bn in g.BLOCK_NS:
+        out = _run(ka.extend_attention_fwd, case, -1, config=ka.SharedSoftmax(bn))[:100]
+        assert torch.isfinite(out).all(), bn
+        assert ((out.float() - ref).norm() / ref.norm()).item() < REL_TOL
+
+
+def test_table_route_for_hd512(monkeypatch):
+    """Without prefix keys the table sends head dim 512 to the Gluon kernel on this GPU (bit-identical to
+    calling it directly); with prefix keys, or with SGLANG_GEMMA4_OPT_DISABLE=extend_attention_hd512, the Triton kernel."""
+    from sglang_gemma4_opt.kernels import extend_attention as ka
+
+    name = torch.cuda.get_device_name()
+    plan = ka.plan_for(name, 512, has_prefix=False)
+    case = ka.random_case([0, 0], [700, 129], 16, 2, 512, device="cuda")
+    table = _run(ka.extend_attention_fwd, case, -1).clone()
+    if isinstance(plan, ka.SharedSoftmax):
+        assert torch.equal(table, _run(ka.extend_attention_fwd, case, -1, config=plan))
+    monkeypatch.setenv("SGLANG_GEMMA4_OPT_DISABLE", ka.HD512_SWITCH)
+    assert torch.equal(_run(ka.extend_attention_fwd, case, -1), _run(ka.extend_attention_fwd, case, -1,
+                                                                     config=ka.config_for(name, 512)))
+    monkeypatch.delenv("SGLANG_GEMMA4_OPT_DISABLE")
+    pre = ka.random_case([300, 0], [200, 129], 16, 2, 512, device="cuda")
+    assert torch.equal(_run(ka.extend_attention_fwd, pre, -1), _run(ka.extend_attention_fwd, pre, -1,
+                                                                    config=ka.config_for(name, 512)))
+    assert not ka._GLUON_FAILED
+
+
+def test_shared_softmax_cuda_graph_replay():
+    from sglang_gemma4_opt.kernels import extend_attention as ka
+
+    case = ka.random_case([0, 0], [500, 77], 16, 2, 512, device="cuda")
+    cfg = ka.SharedSoftmax(64)
+    want = _run(ka.extend_attention_fwd, case, -1, config=cfg).clone()
+    c = dict(case)
+    max_len = c.pop("max_len")
+    kw = dict(custom_mask=None, is_causal=True, mask_indptr=None, max_len_extend=max_len, k_scale=1.0, v_scale=1.0,
+              sliding_window_size=-1, config=cfg)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        ka.extend_attention_fwd(**c, **kw)
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        ka.extend_attention_fwd(**c, **kw)
+    c["o_extend"].fill_(float("nan"))
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(c["o_extend"], want)
+
+
 @pytest.mark.parametrize("hd", [256, 512])
 def test_every_table_config_is_correct(hd):
     """Each GPU's shipped config (and the sm90 default) computes the same function on this GPU."""
@@ -112,6 +204,10 @@ def test_every_table_config_is_correct(hd):
     case = ka.random_case([100, 0], [300, 77], 16, 8 if hd == 256 else 2, hd, device="cuda")
     for cfg in sorted(configs):
         _check(case, 1023 if hd == 256 else -1, config=cfg)
+    if hd == 512:  # the Gluon kernel's entries (calls without prefix keys)
+        fresh = ka.random_case([0, 0], [300, 77], 16, 2, 512, device="cuda")
+        for ss in {*ka.SHARED_SOFTMAX.values(), ka.DEFAULT_SM90_SHARED_SOFTMAX}:
+            _check(fresh, -1, config=ss)
 
 
 @pytest.mark.parametrize("tma", [True, False])
