@@ -60,7 +60,6 @@ CONFIGS: dict[str, dict[int, Config]] = {
 }
 
 
-
 @dataclass(frozen=True)
 class SharedSoftmax:
     """Launch of the Gluon head-dim-512 kernel (`extend_attention_hd512.py`): key tile BLOCK_N."""
