@@ -115,20 +115,13 @@ def plugin_path(mod):
         why = pk.route(dict(zip(names, args)), extra)
         if why is not None:
             return f"sglang kernel ({why})", None
-        plan = ka.plan_for(torch_device_name(), q.shape[-1], kv_indices.numel() > 0)
-        if isinstance(plan, ka.SharedSoftmax) and ka.shared_softmax_reason(q, k, v, kv_indices) is None:
-            return (f"plugin hopper Gluon shared-softmax kernel (head dim 512, BLOCK_M 64, BLOCK_N {plan.block_n})",
-                    ["shared_softmax", plan.block_n])
-        cfg = ka.config_for(torch_device_name(), q.shape[-1])
+        cfg = ka.launch_for(q, k, v, kv_indices)
+        if isinstance(cfg, ka.SharedSoftmax):
+            return (f"plugin hopper Gluon shared-softmax kernel (head dim 512, BLOCK_M 64, BLOCK_N {cfg.block_n})",
+                    ["shared_softmax", cfg.block_n])
         return f"plugin hopper kernel (BLOCK_M, BLOCK_N, warps, stages, tma, dv_split) = {cfg}", list(cfg)
 
     return stock, plugin, label
-
-
-def torch_device_name():
-    import torch
-
-    return torch.cuda.get_device_name()
 
 
 def rel_err(out, ref):

@@ -79,9 +79,10 @@ HD512_SWITCH = "extend_attention_hd512"  # SGLANG_GEMMA4_OPT_DISABLE=extend_atte
 
 
 @triton.jit
-def _tile(acc, l_i, m_i, q, k, v, qk_scale, mask, MASKED: tl.constexpr):
-    """One KV tile of online softmax. m_i is the running row max of scaled scores (log2 units)."""
-    qk = tl.dot(q, tl.trans(k))
+def _online_softmax(qk, m_i, l_i, qk_scale, mask, MASKED: tl.constexpr):
+    """Online softmax of one score tile: (p, alpha for the old accumulator, new row max, new row sum).
+    m_i is the running row max of scaled scores (log2 units). The Gluon head-dim-512 kernel runs this
+    same function (extend_attention_hd512._softmax_step)."""
     if MASKED:
         qk = tl.where(mask, qk * qk_scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(qk, 1))
@@ -95,6 +96,14 @@ def _tile(acc, l_i, m_i, q, k, v, qk_scale, mask, MASKED: tl.constexpr):
     p = tl.math.exp2(qk)
     alpha = tl.math.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, 1)
+    return p, alpha, m_new, l_i
+
+
+@triton.jit
+def _tile(acc, l_i, m_i, q, k, v, qk_scale, mask, MASKED: tl.constexpr):
+    """One KV tile: scores, online softmax, PV."""
+    qk = tl.dot(q, tl.trans(k))
+    p, alpha, m_new, l_i = _online_softmax(qk, m_i, l_i, qk_scale, mask, MASKED)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc)
     return acc, l_i, m_new
@@ -325,6 +334,16 @@ def plan_for(device_name: str, head_dim: int, has_prefix: bool) -> Union[Config,
     return config_for(device_name, head_dim)
 
 
+def launch_for(q_extend, k_extend, v_extend, kv_indices) -> Union[Config, SharedSoftmax]:
+    """The launch the tables give this (supported) call on its GPU: the Gluon kernel's when `plan_for` picks
+    it and the call is in its scope, else the Triton kernel's."""
+    name, D = _device_info(q_extend.device)[1], q_extend.shape[-1]
+    plan = plan_for(name, D, kv_indices.numel() > 0)
+    if isinstance(plan, SharedSoftmax) and shared_softmax_reason(q_extend, k_extend, v_extend, kv_indices) is None:
+        return plan
+    return config_for(name, D)
+
+
 def shared_softmax_reason(q_extend, k_extend, v_extend, kv_indices) -> Optional[str]:
     """None when the Gluon head-dim-512 kernel can run this (already supported) call, else why not."""
     if q_extend.shape[-1] != 512:
@@ -443,18 +462,16 @@ def extend_attention_fwd(
     sm_scale = sm_scale or 1.0 / (D ** 0.5)
     window = sliding_window_size > 0
     if config is None:
-        name = _device_info(q_extend.device)[1]
-        config = plan_for(name, D, kv_indices.numel() > 0)
+        config = launch_for(q_extend, k_extend, v_extend, kv_indices)
         if isinstance(config, SharedSoftmax):
-            if shared_softmax_reason(q_extend, k_extend, v_extend, kv_indices) is None:
-                try:
-                    return _run_shared_softmax(q_extend, k_extend, v_extend, o_extend, qo_indptr, max_len_extend,
-                                               sm_scale, sliding_window_size, config)
-                except Exception as e:  # e.g. a compile failure: the Triton kernel still answers
-                    _GLUON_FAILED.append(e)
-                    logging.getLogger("sglang_gemma4_opt").warning(
-                        "sglang-gemma4-opt: head-dim-512 Gluon attention failed, using the Triton kernel: %s", e)
-            config = config_for(name, D)
+            try:
+                return _run_shared_softmax(q_extend, k_extend, v_extend, o_extend, qo_indptr, max_len_extend,
+                                           sm_scale, sliding_window_size, config)
+            except Exception as e:  # e.g. a compile failure: the Triton kernel still answers
+                _GLUON_FAILED.append(e)
+                logging.getLogger("sglang_gemma4_opt").warning(
+                    "sglang-gemma4-opt: head-dim-512 Gluon attention failed, using the Triton kernel: %s", e)
+                config = config_for(_device_info(q_extend.device)[1], D)
     elif isinstance(config, SharedSoftmax):
         why = shared_softmax_reason(q_extend, k_extend, v_extend, kv_indices)
         if why is not None:

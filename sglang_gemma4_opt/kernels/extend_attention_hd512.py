@@ -15,8 +15,8 @@ next V during the next QK), mbarriers track them.
 
 Scope (the caller routes everything else to the Triton kernel): causal prefill over new tokens only
 (no prefix keys in the KV pool), optional sliding window, GQA, head dim 512 for q/k/v, bf16/fp16,
-q/k/v viewable as 2-d (tokens, heads * 512) TMA tensors. Same masks and same online-softmax
-arithmetic as `extend_attention._tile` (exp2, log2(e) folded into the scale).
+q/k/v viewable as 2-d (tokens, heads * 512) TMA tensors. Same masks as the Triton kernel and the
+same online-softmax function (`extend_attention._online_softmax`: exp2, log2(e) folded into the scale).
 """
 
 from __future__ import annotations
@@ -34,6 +34,8 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .extend_attention import _online_softmax
+
 HEAD_DIM = 512
 BLOCK_M = 64  # one warpgroup's wgmma M; the two warpgroups split the columns, not the rows
 NUM_WARPS = 8
@@ -41,24 +43,9 @@ BLOCK_NS = (32, 64)  # key tile sizes the kernel is built for (smem: Q 64 KB + K
 DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 
 
-@gluon.jit
-def _softmax_step(s, m_i, l_i, qk_scale, mask, MASKED: gl.constexpr):
-    """Online softmax of one score tile (same arithmetic as extend_attention._tile). Returns p, the
-    rescale factor alpha for the old accumulator, and the new row max / row sum."""
-    if MASKED:
-        s = gl.where(mask, s * qk_scale, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, 1))
-        # a row with every key masked so far keeps m = -inf; subtract 0 instead (p = 0, alpha = 0)
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-        s = s - m_use[:, None]
-    else:
-        m_new = gl.maximum(m_i, gl.max(s, 1) * qk_scale)
-        m_use = m_new
-        s = s * qk_scale - m_use[:, None]
-    p = gl.exp2(s)
-    alpha = gl.exp2(m_i - m_use)
-    l_i = l_i * alpha + gl.sum(p, 1)
-    return p, alpha, m_new, l_i
+# The Triton kernel's online-softmax step, compiled as Gluon (as gluon's own standard library imports
+# triton functions): both kernels round and mask identically by construction.
+_softmax_step = gluon.jit(_online_softmax.fn)
 
 
 @gluon.jit
