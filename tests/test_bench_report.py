@@ -111,3 +111,20 @@ def test_kernel_breakdown_diagnostics_line(tmp_path):
     assert len(lines) == 1
     want = f"M=2048: {report._us(up)} / {report._us(down)} / {report._us(sm)} vs {report._us(sg)}"
     assert want in lines[0], lines[0]
+
+
+def test_ws_probe_diagnostics_line(tmp_path):
+    """A moe_ws_probe file (benchmarks/scripts/moe_ws_probe.py) gets one line with the Triton vs Gluon medians
+    per M from the file, and says whether the probe found equal outputs."""
+    med = {"sglang": 731.9, "triton_grouped": 643.4, "gluon_ws_up3": 703.1, "gluon_ws_up2": 688.7}
+    d = tmp_path / "diagnostics"
+    d.mkdir()
+    for equal, says in ((True, "same bits"), (False, "outputs differ")):
+        doc = {"header": {}, "N": 704, "equal": [{"M": 37, "equal": True}, {"M": 2048, "equal": equal}],
+               "rows": [{"M": 2048, "median_us": med}]}
+        (d / "moe_ws_probe-N704-GPU.json").write_text(json.dumps(doc))
+        lines = [x for x in report._diagnostics(d) if x.startswith("- ")]
+        assert len(lines) == 1
+        want = (f"M=2048: {report._us(med['triton_grouped'])} vs {report._us(med['gluon_ws_up3'])} / "
+                f"{report._us(med['gluon_ws_up2'])}")
+        assert want in lines[0] and says in lines[0], lines[0]

@@ -596,6 +596,17 @@ def _diagnostics(d: Path) -> list[str]:
                                      f"{_kernel_us(r.get('sglang_plugin_tables', {}), 'fused_moe_kernel')}"
                                      for r in doc["rows"]))
                     continue
+                if isinstance(doc, dict) and doc.get("rows") and "gluon_ws_up2" in doc["rows"][0].get("median_us", {}):
+                    # moe_ws_probe (benchmarks/scripts): a rejected design, whole-path medians from graph replay
+                    eq = doc.get("equal", [])
+                    lines.append(f"- `{f.name}`: whole MoE µs (CUDA graph), Triton grouped kernels vs persistent "
+                                 "Gluon kernels with 3 / 2 warpgroups per up tile "
+                                 f"({'same bits' if eq and all(r['equal'] for r in eq) else 'outputs differ'}), "
+                                 + "; ".join(f"M={r['M']}: {_us(r['median_us']['triton_grouped'])} vs "
+                                             f"{_us(r['median_us']['gluon_ws_up3'])} / "
+                                             f"{_us(r['median_us']['gluon_ws_up2'])}"
+                                             for r in doc["rows"] if "triton_grouped" in r["median_us"]))
+                    continue
                 _, recs = load_results(f)
                 if not recs:
                     lines.append(f"- `{f.name}`: raw sweep data (no stock/plugin records)")

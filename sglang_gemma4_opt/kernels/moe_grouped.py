@@ -30,8 +30,11 @@ M=2048, 1179 -> 1016 at 4096, 2123 -> 1844 at 8192, 4031 -> 3501 at 16384 (half_
 at 65536. Per kernel at M=2048 (profiler): up 342 us, down 185, top-k sum 26, align 13, against 613 us for
 sglang's two GEMMs; the GEMMs run at ~380/350 TFLOP/s of real work there (570/537 at M=16384) with the
 weights (1.52 GB, 317 us at 4.8 TB/s) streamed at ~2.9 TB/s. Rejected after measuring: torch._grouped_mm
-(CUTLASS grouped GEMM, exact row offsets; 892 vs 691 us at M=2048, `moe_gmm_probe-*.json`) and a Triton
-moe_align (no faster than sglang's CUDA one, `moe_align_probe-*.json`).
+(CUTLASS grouped GEMM, exact row offsets; 892 vs 691 us at M=2048, `moe_gmm_probe-*.json`), a Triton
+moe_align (no faster than sglang's CUDA one, `moe_align_probe-*.json`), and persistent warp-specialised Gluon
+versions of both GEMMs (benchmarks/scripts/moe_grouped_ws.py: three or two 64-row warpgroups share each weight
+stage, a load warp for the down GEMM; same bits as these kernels, slower at every M on an H200: 704 / 689 vs
+644 us at M=2048, 1923 vs 1803 at 8192, 3681 vs 3461 at 16384, `moe_ws_probe-*.json`).
 
 Rounding mirrors sglang's: gate and up rounded to the activation dtype before the activation
 (intermediate_cache1), the activation output (cache2), each expert's weighted down row (cache3), the
