@@ -147,6 +147,17 @@ def _tile_info(t, live, tiles_ptr, stride_t, num_tm, num_tn, W: gl.constexpr, GR
 
 
 @gluon.jit
+def _up_operands(sorted_ptr, n, blk, e0, ok, r_g, num_valid, stride_xm, N_HALF, TOPK: gl.constexpr,
+                 BN: gl.constexpr):
+    """Where a tile's loads come from: this warpgroup's token rows (offsets into x, which rows are real) and
+    the first gate row of the weight tile."""
+    tok = gl.load(sorted_ptr + blk * ROWS + r_g, mask=ok, other=num_valid)
+    a_off = (tok // TOPK).to(gl.int64) * stride_xm
+    a_ok = ok & (e0 >= 0) & (tok < num_valid)
+    return a_off, a_ok, e0 * 2 * N_HALF + n * BN
+
+
+@gluon.jit
 def _up_wg(W: gl.constexpr, x_ptr, w_desc, sorted_ptr, tiles_ptr, ntiles_ptr, out_ptr,
            a_smem, b_smem, a_ready, b_ready, b_empty, num_valid, K, N_HALF, stride_xm, stride_om, stride_t,
            TOPK: gl.constexpr, ACT: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr, STAGES: gl.constexpr,
@@ -170,10 +181,7 @@ def _up_wg(W: gl.constexpr, x_ptr, w_desc, sorted_ptr, tiles_ptr, ntiles_ptr, ou
     n, blk, e0, ok = _tile_info(pid, my_tiles > 0, tiles_ptr, stride_t, num_tm, num_tn, W, GROUP_M)
     nx_n, nx_blk, nx_e0, nx_ok = _tile_info(pid + nprog, my_tiles > 1, tiles_ptr, stride_t, num_tm, num_tn, W,
                                             GROUP_M)
-    tok = gl.load(sorted_ptr + blk * ROWS + r_g, mask=ok, other=num_valid)
-    a_off = (tok // TOPK).to(gl.int64) * stride_xm
-    a_ok = ok & (e0 >= 0) & (tok < num_valid)
-    w_row = e0 * 2 * N_HALF + n * BN
+    a_off, a_ok, w_row = _up_operands(sorted_ptr, n, blk, e0, ok, r_g, num_valid, stride_xm, N_HALF, TOPK, BN)
     for i in gl.static_range(STAGES - 1):
         if i < total:
             kk = i * BK + k_g
@@ -223,10 +231,8 @@ def _up_wg(W: gl.constexpr, x_ptr, w_desc, sorted_ptr, tiles_ptr, ntiles_ptr, ou
                 ok = nx_ok
                 nx_n, nx_blk, nx_e0, nx_ok = _tile_info(pid + (ld_t + 1) * nprog, ld_t + 1 < my_tiles, tiles_ptr,
                                                         stride_t, num_tm, num_tn, W, GROUP_M)
-                tok = gl.load(sorted_ptr + blk * ROWS + r_g, mask=ok, other=num_valid)
-                a_off = (tok // TOPK).to(gl.int64) * stride_xm
-                a_ok = ok & (e0 >= 0) & (tok < num_valid)
-                w_row = e0 * 2 * N_HALF + n * BN
+                a_off, a_ok, w_row = _up_operands(sorted_ptr, n, blk, e0, ok, r_g, num_valid, stride_xm, N_HALF,
+                                                  TOPK, BN)
             nxt = c + STAGES - 1
             if nxt < total:
                 sl = nxt % STAGES

@@ -13,10 +13,10 @@ import json, os, sys
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import moe_grouped_ws as ws  # noqa: E402
+from moe_kernel_breakdown import kernel_times  # noqa: E402
 
 from sglang_gemma4_opt.bench import common  # noqa: E402
 from sglang_gemma4_opt.bench.fused_moe import Weights, random_routing  # noqa: E402
@@ -29,19 +29,6 @@ N = int(os.environ.get("PROBE_N", "704"))
 K, TOPK = 2816, 8
 GPU = torch.cuda.get_device_name()
 WS = {"gluon_ws_up3": 3, "gluon_ws_up2": 2}  # warpgroups per up tile (down: two + a load warp)
-
-
-def kernel_times(fn, iters=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(iters):
-            fn()
-        torch.cuda.synchronize()
-    out = {ev.key[:60]: round(ev.device_time_total / iters, 1) for ev in prof.key_averages()
-           if getattr(ev, "device_time_total", 0) > 0}
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def routing(kind, M):
@@ -104,7 +91,7 @@ def main():
         row = {"M": M, "triton_grouped_params": tab.as_dict() if tab else None,
                "median_us": {k: t[k].median_us for k in var},
                "round_medians_us": {k: t[k].round_medians_us for k in var},
-               "kernels_us": {k: kernel_times(lambda f=f: f(0)) for k, f in fns.items()}}
+               "kernels_us": {k: kernel_times(lambda f=f: f(0), iters=10) for k, f in fns.items()}}
         print(json.dumps({"M": M, "median_us": row["median_us"]}), flush=True)
         doc["rows"].append(row)
         common.write_json_atomic(path, doc)
