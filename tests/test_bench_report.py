@@ -1,7 +1,11 @@
 """README and benchmarks/README.md numbers are generated from the committed result files, never typed."""
 
+import csv
+import importlib.util
 import json
 from pathlib import Path
+
+import pytest
 
 from sglang_gemma4_opt.bench import report
 
@@ -128,3 +132,91 @@ def test_ws_probe_diagnostics_line(tmp_path):
         want = (f"M=2048: {report._us(med['triton_grouped'])} vs {report._us(med['gluon_ws_up3'])} / "
                 f"{report._us(med['gluon_ws_up2'])}")
         assert want in lines[0] and says in lines[0], lines[0]
+
+
+def _probe_row(M, base_key, base, cand):
+    a = {"isolated_us": base[0], "sustained_us": base[1], "sm_clock_mhz": 1485.0, "power_w": 694.5,
+         "clock_event_reasons": ["sw_power_cap"]}
+    b = {"isolated_us": cand[0], "sustained_us": cand[1], "sm_clock_mhz": 1620.0, "power_w": 693.0,
+         "clock_event_reasons": []}
+    return {"M": M, "baseline": base_key, base_key: a, "plugin_grouped": b,
+            "speedup_isolated": base[0] / cand[0], "speedup_sustained": base[1] / cand[1]}
+
+
+
+@pytest.mark.parametrize("base_key, label", [("sglang_pr_tables", "PR's tables"),
+                                             ("sglang_stock_lookup", "stock lookup")])
+def test_power_probe_diagnostics_line(tmp_path, base_key, label):
+    """A moe_power_probe file gets one line naming its baseline, with the isolated and sustained medians and the
+    speedups per M taken from the file, and the clock-event reasons seen."""
+    d = tmp_path / "diagnostics"
+    d.mkdir()
+    rows = [_probe_row(2048, base_key, (693.1, 754.9), (604.0, 659.8)),
+            _probe_row(8192, base_key, (2204.7, 2369.2), (1640.5, 1870.0))]
+    (d / "moe_power_probe-N704-GPU.json").write_text(json.dumps({"header": {}, "N": 704, "rows": rows}))
+    lines = [x for x in report._diagnostics(d) if x.startswith("- ")]
+    assert len(lines) == 1
+    line = lines[0]
+    assert label in line and "sw_power_cap" in line
+    for r in rows:
+        a, b = r[base_key], r["plugin_grouped"]
+        assert (f"M={r['M']}: isolated {report._us(a['isolated_us'])} → {report._us(b['isolated_us'])} µs "
+                f"({r['speedup_isolated']:.2f}×), sustained {report._us(a['sustained_us'])} → "
+                f"{report._us(b['sustained_us'])} µs ({r['speedup_sustained']:.2f}×)") in line, line
+
+
+def test_preheat_sentence_follows_the_header():
+    assert "2.5 s of untimed replays" in report._preheat_sentence({"preheat_s": 2.5, "preheat_min_us": 200.0})
+    assert "≥ 300 µs" in report._preheat_sentence({"preheat_s": 1.0, "preheat_min_us": 300.0})
+    for h in ({}, {"preheat_s": 0.0}):
+        assert report._preheat_sentence(h).startswith("No preheat")
+
+
+def _ncu_script():
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "scripts" / "ncu_summary.py"
+    spec = importlib.util.spec_from_file_location("ncu_summary", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_ncu_summary_reads_a_raw_page_and_the_report_quotes_it(tmp_path):
+    """ncu_summary.py on a raw-page CSV (ncu's layout: header row, unit row, one row per launch): one entry per
+    kernel name and grid (sglang's one kernel runs as up and down), units converted, stall samples as shares;
+    the report's diagnostics line quotes those values."""
+    ncu = _ncu_script()
+    hdr = ["ID", "Kernel Name", "Grid Size", "launch__grid_size", "gpu__time_duration.sum", "sm__cycles_elapsed.avg.per_second",
+           "dram__bytes_read.sum", "l1tex__m_xbar2l1tex_read_bytes.sum",
+           "lts__throughput.avg.pct_of_peak_sustained_elapsed",
+           "sm__pipe_tensor_cycles_active.avg.pct_of_peak_sustained_active",
+           "lts__t_sectors_srcunit_tex_op_read.sum", "lts__t_sectors_srcunit_tex_op_read_lookup_hit.sum",
+           "smsp__pcsamp_warps_issue_stalled_barrier", "smsp__pcsamp_warps_issue_stalled_barrier_not_issued",
+           "smsp__pcsamp_warps_issue_stalled_wait", "smsp__pcsamp_warps_issue_stalled_math_pipe_throttle"]
+    units = ["", "", "", "", "ms", "Mhz", "Mbyte", "Gbyte", "%", "%", "sector", "sector", "warp", "warp", "warp", "warp"]
+    launches = [["0", "grouped_up_act_kernel", "(1536, 1, 1)", "1,536", "0.429", "1307.5", "1,258.4", "2.09", "84.4", "58.5",
+                 "1000", "327", "600", "590", "300", "100"],
+                ["1", "fused_moe_kernel", "(4213, 1, 1)", "4,213", "0.421", "1291", "1128.6", "3.57", "95.5", "56.6",
+                 "2000", "1000", "10", "5", "980", "10"],
+                ["2", "fused_moe_kernel", "(8426, 1, 1)", "8,426", "0.267", "1280", "531.8", "1.80", "85.2", "45.1",
+                 "500", "250", "1", "1", "1", "98"],
+                ["3", "fused_moe_kernel", "(4213, 1, 1)", "4,213", "0.9", "1291", "1", "1", "1", "1", "1", "1", "1", "1",
+                 "1", "1"]]
+    raw = tmp_path / "raw.csv"
+    with open(raw, "w", newline="") as fh:
+        csv.writer(fh, quoting=csv.QUOTE_ALL).writerows([hdr, units, *launches])
+    ks = ncu.summarise(raw)
+    assert [(k["kernel"], k["grid_size"]) for k in ks] == [("grouped_up_act_kernel", 1536.0),
+                                                            ("fused_moe_kernel", 4213.0), ("fused_moe_kernel", 8426.0)]
+    up = ks[0]
+    assert up["duration_us"] == pytest.approx(429.0) and up["sm_clock_ghz"] == pytest.approx(1.3075)
+    assert up["dram_read_gb"] == pytest.approx(1.2584) and up["l2_read_hit_pct"] == pytest.approx(32.7)
+    assert up["stall_sample_share_pct"] == {"barrier": 60.0, "wait": 30.0, "math_pipe_throttle": 10.0}
+    assert len(ncu.summarise(raw, all_launches=True)) == 4
+    d = tmp_path / "diagnostics"
+    d.mkdir()
+    (d / "moe_ncu-M2048-GPU.json").write_text(json.dumps({"header": {}, "kernels": ks}))
+    lines = [x for x in report._diagnostics(d) if x.startswith("- ")]
+    assert len(lines) == 1
+    assert (f"grouped_up_act_kernel (grid 1536): {report._us(429.0)} µs at 1.31 GHz, tensor pipe 58% active, "
+            "L2 84%") in lines[0], lines[0]
+    assert "fused_moe_kernel (grid 8426)" in lines[0] and "stalls barrier 60%, wait 30%" in lines[0]

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable
 
 SUITES = ("qkv_norm", "extend_attention", "fused_moe")
+PREHEAT_MIN_US = 200.0  # time_variants' preheat applies to variants whose one call takes at least this long
 DEFAULT_OUT = Path("benchmarks") / "results"
 
 
@@ -209,6 +210,7 @@ class Timing:
     replays: int
     round_medians_us: list[float]
     method: str = "cuda-graph replay"
+    preheat_s: float = 0.0  # untimed replays before each timed block (0: none)
 
     def as_dict(self, prefix: str) -> dict[str, Any]:
         return {
@@ -285,6 +287,16 @@ def _replay_block(g, calls: int, replays: int) -> list[float]:
     return [starts[r].elapsed_time(ends[r]) * 1e3 / calls for r in range(replays)]
 
 
+def _preheat(g, seconds: float, per_graph_us: float) -> None:
+    """Untimed replays for about `seconds`, so the timed block that follows starts in the clock and power state
+    this variant's load holds the GPU in."""
+    import torch
+
+    for _ in range(int(max(1, min(100_000, seconds * 1e6 / max(per_graph_us, 1.0))))):
+        g.replay()
+    torch.cuda.synchronize()
+
+
 def time_variants(
     variants: dict[str, tuple[Callable[[int], Any], Callable[[], Any] | None]],
     *,
@@ -294,6 +306,8 @@ def time_variants(
     min_replays: int = 10,
     max_replays: int = 400,
     warmup: int = 3,
+    preheat_s: float = 0.0,
+    preheat_min_us: float = PREHEAT_MIN_US,
 ) -> dict[str, Timing]:
     """Median per-call time of each variant from CUDA-graph replays, variants interleaved by round.
 
@@ -303,6 +317,11 @@ def time_variants(
     variant's graph in turn, the order reversed every other round (A B, B A, ...), so drift in clocks
     or temperature hits both alike;
     round medians are kept in the record to show the spread.
+
+    preheat_s: when one call takes preheat_min_us or more, each timed block is preceded by about preheat_s of
+    untimed replays of the same graph. Long MoE GEMMs hold an H200 at its 700 W cap, and its clock then falls
+    from 1980 MHz to ~1500 over a few seconds: short blocks timed from a cooler GPU land anywhere on that slope
+    (a 25% p10-p90 spread at M=8192 without it), while a busy prefill server runs at the bottom.
     """
     import torch
 
@@ -315,6 +334,7 @@ def time_variants(
     est = _replay_block(first, calls, 3)
     per_graph_us = max(statistics.median(est) * calls, 1.0)
     replays = int(max(min_replays, min(max_replays, budget_s * 1e6 / per_graph_us / max(rounds, 1))))
+    heat = preheat_s if preheat_s > 0 and per_graph_us / calls >= preheat_min_us else 0.0
     samples: dict[str, list[float]] = {k: [] for k in graphs}
     round_medians: dict[str, list[float]] = {k: [] for k in graphs}
     order = list(graphs)
@@ -324,6 +344,8 @@ def time_variants(
         # two identical MoE configs at M=4096 with a fixed A-B order).
         for label in (order if r % 2 == 0 else order[::-1]):
             g = graphs[label]
+            if heat:
+                _preheat(g, heat, per_graph_us)
             block = _replay_block(g, calls, replays)
             samples[label] += block
             round_medians[label].append(statistics.median(block))
@@ -331,7 +353,7 @@ def time_variants(
     for label, vals in samples.items():
         vals.sort()
         out[label] = Timing(statistics.median(vals), _percentile(vals, 0.1), _percentile(vals, 0.9), calls,
-                            replays * rounds, round_medians[label])
+                            replays * rounds, round_medians[label], preheat_s=heat)
     del graphs
     torch.cuda.synchronize()
     return out
@@ -405,6 +427,8 @@ def record(suite: str, case: dict, baseline: str, candidate: str, baseline_t: Ti
             rec["timing"] = t.method
             rec["calls_per_graph"] = t.calls_per_graph
             rec["replays"] = t.replays
+            if t.preheat_s:
+                rec["preheat_s"] = t.preheat_s
         else:
             rec[f"{prefix}_us"] = float(t)
     b, c = rec["baseline_us"], rec["candidate_us"]

@@ -44,6 +44,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="timing rounds per case, stock/plugin order reversed every other round (default 4; 1 with --quick)")
     p.add_argument("--budget", type=float, default=None,
                    help="seconds of replays per variant per case (default 0.3; 0.1 with --quick)")
+    p.add_argument("--preheat", type=float, default=None, metavar="S",
+                   help="seconds of untimed replays before each timed block of a case whose call takes >= "
+                        f"{common.PREHEAT_MIN_US:g} us, so long kernels are timed at the clock a sustained load "
+                        "holds (default 1.0; 0 with --quick; 0 turns it off)")
     p.add_argument("--max-calls", type=int, default=20, help="calls captured per CUDA graph (default: %(default)s)")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-roofs", action="store_true", help="skip measuring copy bandwidth and matmul rate")
@@ -71,6 +75,7 @@ class Ctx:
     budget_s: float
     max_calls: int
     l2_bytes: int
+    preheat_s: float = 0.0
     hbm_tbps: float | None = None
     mm_tflops: float | None = None
     moe_weights: Any = None
@@ -78,7 +83,8 @@ class Ctx:
     moe_baseline_label: str | None = None
 
     def time(self, variants, calls):
-        return common.time_variants(variants, calls=calls, rounds=self.rounds, budget_s=self.budget_s)
+        return common.time_variants(variants, calls=calls, rounds=self.rounds, budget_s=self.budget_s,
+                                    preheat_s=self.preheat_s)
 
     def estimate(self, step):
         return common.estimate_us(step)
@@ -162,10 +168,12 @@ def run(args) -> int:
     torch.manual_seed(args.seed)
     rounds = args.rounds or (1 if args.quick else 4)
     budget = args.budget or (0.1 if args.quick else 0.3)
+    preheat = args.preheat if args.preheat is not None else (0.0 if args.quick else 1.0)
     props = torch.cuda.get_device_properties(0)
     sbs = common.side_by_side()
     ctx = Ctx(sbs, rounds, budget, args.max_calls, int(getattr(props, "L2_cache_size", 50 << 20)),
-              moe_baseline=getattr(args, "moe_baseline", None), moe_baseline_label=getattr(args, "moe_baseline_label", None))
+              moe_baseline=getattr(args, "moe_baseline", None), moe_baseline_label=getattr(args, "moe_baseline_label", None),
+              preheat_s=preheat)
     gpu = common.gpu_name()
     print(f"{gpu}: " + ", ".join(f"{k} {v}" for k, v in common.versions().items()))
     for key in sbs.targets:
@@ -175,7 +183,8 @@ def run(args) -> int:
         ctx.mm_tflops = common.measure_matmul_tflops()
         print(f"  roofs measured here: copy {ctx.hbm_tbps:.2f} TB/s (read+write), bf16 matmul {ctx.mm_tflops:.0f} TFLOP/s")
     header = common.env_header()
-    header.update(rounds=rounds, budget_s=budget, max_calls=args.max_calls, seed=args.seed,
+    header.update(rounds=rounds, budget_s=budget, preheat_s=preheat, preheat_min_us=common.PREHEAT_MIN_US,
+                  max_calls=args.max_calls, seed=args.seed,
                   hbm_roof_tbps=ctx.hbm_tbps, matmul_roof_tflops=ctx.mm_tflops,
                   patches={k: sbs.status(k) for k in sbs.targets})
     if ctx.moe_baseline:

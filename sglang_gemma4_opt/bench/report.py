@@ -363,6 +363,8 @@ def generate(results_dir: Path) -> str:
                     ([f"copy {h['hbm_roof_tbps']:.2f} TB/s (read+write)"] if h.get("hbm_roof_tbps") else [])
                     + ([f"bf16 matmul {h['matmul_roof_tflops']:.0f} TFLOP/s"] if h.get("matmul_roof_tflops") else []))
                     + ".")
+        if suite in ("extend_attention", "fused_moe"):
+            extra.append(_preheat_sentence(h))
         if suite == "extend_attention":
             extra.append("FLOPs = 4 · q heads · head dim · attended (q,k) pairs (causal, window-aware); window 1024 "
                          "is `sliding_window_size` 1023 in the kernel. Blocks: (BLOCK_M, BLOCK_N).")
@@ -563,6 +565,47 @@ def update_readme(readme: Path, block: str) -> str | None:
     return head + block + tail
 
 
+def _preheat_sentence(h: dict) -> str:
+    """How the run's timed blocks met the GPU's clock (bench --preheat, recorded in the header since session 11)."""
+    if h.get("preheat_s"):
+        return (f"Steady clock: each timed block followed {h['preheat_s']:g} s of untimed replays of the same graph "
+                f"wherever one call takes ≥ {h.get('preheat_min_us', 200):g} µs (long MoE calls hold the GPU at its "
+                "power cap, where its clock settles).")
+    return ("No preheat (a run from before `bench --preheat`): each timed block started from whatever clock the "
+            "previous one left.")
+
+
+def _probe_line(name: str, doc: dict) -> str:
+    """moe_power_probe (benchmarks/scripts): isolated vs sustained µs, clocks and power per M."""
+    parts = []
+    for r in doc["rows"]:
+        a, b = r[r["baseline"]], r["plugin_grouped"]
+        parts.append(f"M={r['M']}: isolated {_us(a['isolated_us'])} → {_us(b['isolated_us'])} µs "
+                     f"({r['speedup_isolated']:.2f}×), sustained {_us(a['sustained_us'])} → {_us(b['sustained_us'])} µs "
+                     f"({r['speedup_sustained']:.2f}×) at {a.get('sm_clock_mhz', 0):.0f} / {b.get('sm_clock_mhz', 0):.0f} "
+                     f"MHz, {a.get('power_w', 0):.0f} / {b.get('power_w', 0):.0f} W")
+    base = doc["rows"][0]["baseline"]
+    label = {"sglang_pr_tables": "sglang with the PR's tables", "sglang_stock_lookup": "sglang's stock lookup"}.get(
+        base, base)
+    reasons = sorted({x for r in doc["rows"] for k in (base, "plugin_grouped") for x in r[k].get("clock_event_reasons", [])})
+    return (f"- `{name}`: whole MoE, {label} → the plugin's grouped kernels, one call per CUDA graph, isolated (idle "
+            f"GPU between replays) and sustained (seconds of back-to-back replays; clock-event reasons: "
+            f"{', '.join(reasons) or 'none'}): " + "; ".join(parts))
+
+
+def _ncu_line(name: str, doc: dict) -> str:
+    """An ncu_summary.py file: per kernel, duration, tensor-pipe and L2 utilisation, top stall reasons."""
+    parts = []
+    for k in doc["kernels"]:
+        stalls = ", ".join(f"{s} {v:g}%" for s, v in list(k.get("stall_sample_share_pct", {}).items())[:3])
+        parts.append(f"{k['kernel']} (grid {k.get('grid_size', 0):.0f}): {_us(k['duration_us'])} µs at "
+                     f"{k.get('sm_clock_ghz', 0):.2f} GHz, tensor pipe {k.get('tensor_pipe_active_pct', 0):.0f}% active, "
+                     f"L2 {k.get('l2_throughput_pct', 0):.0f}% (SM-side sectors {k.get('l2_sectors_from_sm_pct', 0):.0f}%), "
+                     f"DRAM {k.get('dram_throughput_pct', 0):.0f}%, L2→SM {k.get('l2_to_sm_read_gb', 0):.2f} GB; "
+                     f"stalls {stalls}")
+    return f"- `{name}`: Nsight Compute, " + "; ".join(parts)
+
+
 def _kernel_us(times: dict, part: str) -> str:
     hit = [v for k, v in times.items() if part in k]
     return _us(hit[0]) if hit else "-"
@@ -606,6 +649,12 @@ def _diagnostics(d: Path) -> list[str]:
                                              f"{_us(r['median_us']['gluon_ws_up3'])} / "
                                              f"{_us(r['median_us']['gluon_ws_up2'])}"
                                              for r in doc["rows"] if "triton_grouped" in r["median_us"]))
+                    continue
+                if isinstance(doc, dict) and doc.get("rows") and "speedup_sustained" in doc["rows"][0]:
+                    lines.append(_probe_line(f.name, doc))  # moe_power_probe (benchmarks/scripts)
+                    continue
+                if isinstance(doc, dict) and doc.get("kernels") and "duration_us" in doc["kernels"][0]:
+                    lines.append(_ncu_line(f.name, doc))  # ncu_summary.py
                     continue
                 _, recs = load_results(f)
                 if not recs:

@@ -159,7 +159,8 @@ def tune_shape(N, ms, args, log):
                 "sglang_align_bm128": (lambda i: align(routes[i % calls][1], 128, E), None),
                 "torch_topk_sum": (lambda i: c3.view(M, TOPK, K).sum(1, dtype=torch.float32).to(torch.bfloat16), None),
             }
-        t = common.time_variants(dict(variants, **pieces), calls=calls, rounds=args.rounds, budget_s=args.budget)
+        t = common.time_variants(dict(variants, **pieces), calls=calls, rounds=args.rounds, budget_s=args.budget,
+                                 preheat_s=args.preheat)
         cand = {n: t[n].median_us for n in variants if n != "stock"}
         if not cand:
             log(f"N={N} M={M}: no candidate ran ({json.dumps(skipped)})")
@@ -169,7 +170,7 @@ def tune_shape(N, ms, args, log):
         skew = [skewed_routing(M) for _ in range(calls)]
         ts = common.time_variants({"stock": ((lambda i: stock(i, skew)), None),
                                    "grouped": (grouped(bp, skew), None)},
-                                  calls=calls, rounds=2, budget_s=args.budget)
+                                  calls=calls, rounds=2, budget_s=args.budget, preheat_s=args.preheat)
         row = dict(N=N, M=M, best=best, params=bp.as_dict(), stock_us=t["stock"].median_us, best_us=cand[best],
                    speedup=t["stock"].median_us / cand[best],
                    stock_round_medians_us=t["stock"].round_medians_us,
@@ -217,6 +218,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ns", type=int, nargs="+", default=list(NS))
     ap.add_argument("--budget", type=float, default=0.3, help="replay seconds per variant and round")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--preheat", type=float, default=1.0,
+                    help=f"seconds of untimed replays before each timed block (calls >= {common.PREHEAT_MIN_US:g} us): "
+                         "candidates are ranked at the clock a sustained prefill load holds, not from a cool GPU "
+                         "(0: off)")
     ap.add_argument("--no-pieces", dest="pieces", action="store_false",
                     help="skip the cuBLAS / align / torch-sum reference timings")
     ap.add_argument("--write-table", action="store_true", help="merge this GPU's table into configs/moe_grouped.json")

@@ -174,11 +174,20 @@ def _extend_range(acc, l_i, m_i, q, qk_scale, K_Ext, V_Ext, stride_kt, stride_vt
 
 
 @triton.jit
-def _split(lo, hi, clean_lo, clean_hi):
-    """Clamp a clean interval into [lo, hi) so [lo, c0) + [c0, c1) + [c1, hi) covers [lo, hi) once."""
+def _key_tiles(q0, hi, clean_hi, W, BM: tl.constexpr, BLOCK_N: tl.constexpr, WINDOW: tl.constexpr):
+    """Key tiles of a query block whose first query sits at key position q0, keys below hi: (lo, c0, c1) with
+    [lo, c0) the window edge (masked), [c0, c1) the clean tiles (no mask), [c1, hi) the tail (masked: causal
+    diagonal or sequence end); clean_hi bounds the clean tiles from above. Both attention kernels call it (the
+    Gluon one compiled as Gluon)."""
+    if WINDOW:
+        lo = tl.maximum(q0 - W, 0) // BLOCK_N * BLOCK_N
+        clean_lo = tl.cdiv(tl.maximum(q0 + BM - 1 - W, 0), BLOCK_N) * BLOCK_N
+    else:
+        lo = 0
+        clean_lo = 0
     c1 = tl.maximum(tl.minimum(clean_hi, hi), lo)
     c0 = tl.minimum(tl.maximum(clean_lo, lo), c1)
-    return c0, c1
+    return lo, c0, c1
 
 
 @triton.jit
@@ -229,13 +238,7 @@ def _hopper_extend_kernel(
     if HAS_PREFIX:
         kv_start = tl.load(kv_indptr + seq).to(tl.int32)
         P = tl.load(kv_indptr + seq + 1).to(tl.int32) - kv_start
-        if WINDOW:
-            lo = tl.maximum(P + m0 - W, 0) // BLOCK_N * BLOCK_N
-            clean_lo = tl.cdiv(tl.maximum(P + m0 + BLOCK_M - 1 - W, 0), BLOCK_N) * BLOCK_N
-        else:
-            lo = 0
-            clean_lo = 0
-        c0, c1 = _split(lo, P, clean_lo, P // BLOCK_N * BLOCK_N)
+        lo, c0, c1 = _key_tiles(P + m0, P, P // BLOCK_N * BLOCK_N, W, BLOCK_M, BLOCK_N, WINDOW)
         kb = K_Buf + kv_head * stride_kbh
         vb = V_Buf + kv_head * stride_vbh
         idx = kv_indices + kv_start
@@ -249,13 +252,7 @@ def _hopper_extend_kernel(
 
     # ---- new keys (k/v_extend), causal: [window edge (masked)] [clean] [diagonal (masked)]
     hi = tl.minimum(L, m0 + BLOCK_M)
-    if WINDOW:
-        lo = tl.maximum(m0 - W, 0) // BLOCK_N * BLOCK_N
-        clean_lo = tl.cdiv(tl.maximum(m0 + BLOCK_M - 1 - W, 0), BLOCK_N) * BLOCK_N
-    else:
-        lo = 0
-        clean_lo = 0
-    c0, c1 = _split(lo, hi, clean_lo, m0)
+    lo, c0, c1 = _key_tiles(m0, hi, m0, W, BLOCK_M, BLOCK_N, WINDOW)
     if USE_TMA:
         ke = K_Ext
         ve = V_Ext

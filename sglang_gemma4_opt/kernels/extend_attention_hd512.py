@@ -34,6 +34,7 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 )
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
+from .extend_attention import _key_tiles as _triton_key_tiles
 from .extend_attention import _online_softmax
 
 HEAD_DIM = 512
@@ -46,6 +47,7 @@ DTYPES = {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16}
 # The Triton kernel's online-softmax step, compiled as Gluon (as gluon's own standard library imports
 # triton functions): both kernels round and mask identically by construction.
 _softmax_step = gluon.jit(_online_softmax.fn)
+_key_tiles = gluon.jit(_triton_key_tiles.fn)  # the same key-tile split as the Triton kernel's
 
 
 @gluon.jit
@@ -94,14 +96,7 @@ def _hd512_extend_kernel(
         # key range [lo, hi) of this query block; [c0, c1) are the clean tiles (no mask needed):
         # [window edge (masked)] [clean] [causal diagonal / sequence end (masked)]
         hi = gl.minimum(L, m0 + BM)
-        if WINDOW:
-            lo = gl.maximum(m0 - W, 0) // BLOCK_N * BLOCK_N
-            clean_lo = gl.cdiv(gl.maximum(m0 + BM - 1 - W, 0), BLOCK_N) * BLOCK_N
-        else:
-            lo = 0
-            clean_lo = 0
-        c1 = gl.maximum(gl.minimum(m0, hi), lo)
-        c0 = gl.minimum(gl.maximum(clean_lo, lo), c1)
+        lo, c0, c1 = _key_tiles(m0, hi, m0, W, BM, BLOCK_N, WINDOW)
         n_tiles = gl.cdiv(hi - lo, BLOCK_N)
 
         col = kv_head * D

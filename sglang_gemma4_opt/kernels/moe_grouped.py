@@ -36,6 +36,13 @@ versions of both GEMMs (benchmarks/scripts/moe_grouped_ws.py: three or two 64-ro
 stage, a load warp for the down GEMM; same bits as these kernels, slower at every M on an H200: 704 / 689 vs
 644 us at M=2048, 1923 vs 1803 at 8192, 3681 vs 3461 at 16384, `moe_ws_probe-*.json`).
 
+What bounds it (session 11): a sustained prefill load holds an H200 or H100 at its 700 W cap (SM clock ~1.5-1.65
+GHz instead of 1.98), sglang's path and this one alike, so sustained time follows energy per call
+(`moe_power_probe-*.json`: at M=2048 on an H200 isolated 693 -> 604 us, sustained 755 -> 660). Nsight Compute at
+M=2048 (`moe_ncu-*.json`, base clock): up / down tensor pipe 59% / 55% active, L2 at 84% / 83% of peak (SM-side
+sectors ~50%), DRAM ~60%; the top warp stalls are the K loop's barrier and wgmma waits (one 8-warp CTA per SM).
+Re-tuning with the clock settled picked the same shapes (`tune_moe_grouped-preheat-*.json`).
+
 Rounding mirrors sglang's: gate and up rounded to the activation dtype before the activation
 (intermediate_cache1), the activation output (cache2), each expert's weighted down row (cache3), the
 sum rounded once. Only the K-reduction order differs, as between sglang's own tile configs.
