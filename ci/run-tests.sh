@@ -20,11 +20,12 @@ for v in $versions; do
     bash ci/install-test-env.sh "$v" "$venv"
     touch "$venv/.complete"
   fi
+  py="$(cd "$venv" && pwd)/bin/python"  # absolute: VENV_ROOT may be relative or absolute
   echo "=== sglang $v: installing the plugin"
-  "$venv/bin/python" -m pip install -q --no-deps --no-build-isolation --force-reinstall . >/dev/null
+  "$py" -m pip install -q --no-deps --no-build-isolation --force-reinstall . >/dev/null
   echo "=== sglang $v: pytest"
   # Run from tests/ so `import sglang_gemma4_opt` resolves to the installed copy, not the checkout.
-  (cd tests && "../$venv/bin/python" -m pytest -q -p no:cacheprovider "$@" .) || status=1
+  (cd tests && "$py" -m pytest -q -p no:cacheprovider "$@" .) || status=1
   if [ "${DROP_VENVS:-0}" = 1 ]; then
     rm -rf "$venv"
     echo "=== sglang $v: venv removed ($(free_disk .))"
