@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from moe_kernel_breakdown import PR_ROOT, K, N, TOPK  # noqa: E402  (the probes' shared settings)
+from moe_kernel_breakdown import GPU, PR_ROOT, K, N, TOPK  # noqa: E402  (the probes' shared settings)
 
 from sglang_gemma4_opt.bench import fused_moe as fm  # noqa: E402
 from sglang_gemma4_opt.bench.common import side_by_side  # noqa: E402
@@ -24,7 +24,6 @@ from sglang_gemma4_opt.kernels.moe_small_batch import shape_key  # noqa: E402
 
 
 def main():
-    gpu = torch.cuda.get_device_name()
     w = fm.Weights(N=N)
     table = mg.load_table()
     key = shape_key(w.w13.shape[0], N, K, TOPK, torch.bfloat16)
@@ -34,7 +33,7 @@ def main():
     for M in [int(m) for m in os.environ.get("PROBE_MS", "2048").split()]:
         x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         tw, ids = fm.random_routing(M)
-        p = mg.params_for(table, gpu, key, M)
+        p = mg.params_for(table, GPU, key, M)
         if p is not None:
             for _ in range(2):
                 mg.fused_moe_grouped(x, w.w13, w.w2, tw, ids, "gelu", params=p)

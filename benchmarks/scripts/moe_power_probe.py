@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from moe_kernel_breakdown import GPU, OUT, PR_ROOT, K, N, TOPK  # noqa: E402  (the probes' shared settings)
 
 from sglang_gemma4_opt.bench import fused_moe as fm  # noqa: E402
-from sglang_gemma4_opt.bench.common import env_header, side_by_side  # noqa: E402
+from sglang_gemma4_opt.bench.common import _capture, env_header, side_by_side  # noqa: E402
 from sglang_gemma4_opt.kernels import moe_grouped as mg  # noqa: E402
 from sglang_gemma4_opt.kernels.moe_small_batch import shape_key  # noqa: E402
 
@@ -64,15 +64,8 @@ class Sampler:
 
 
 def graph_of(fn):
-    s = torch.cuda.Stream()
-    with torch.cuda.stream(s):
-        fn()
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=s):
-            fn()
-    torch.cuda.synchronize()
-    return g
+    """One call of fn captured in a CUDA graph (the suite's capture: warm-up on a side stream first)."""
+    return _capture(lambda i: fn(), calls=1, warmup=1)
 
 
 def timed_replays(g, n):
@@ -120,6 +113,7 @@ def main():
     time.sleep(1)
     rows = []
     name = f"moe_power_probe-N{N}-{GPU.replace(' ', '_')}.json"
+    pr_has_gpu = any(PR_ROOT.rglob(f"E=*,N={N},device_name={GPU.replace(' ', '_')}.json"))  # else: stock lookup
     try:
         for M in [int(m) for m in os.environ.get("PROBE_MS", "2048 4096 8192 16384").split()]:
             x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
@@ -127,7 +121,6 @@ def main():
             p = mg.params_for(table, GPU, key, M)
             row = {"M": M, "grouped_params": p.as_dict() if p else None}
             paths = {}
-            pr_has_gpu = any(PR_ROOT.rglob(f"E=*,N={N},device_name={GPU.replace(' ', '_')}.json"))
 
             def sglang_path(tables):
                 with fm._both(sbs, tables, "stock"):
