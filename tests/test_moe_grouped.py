@@ -93,6 +93,10 @@ SPLIT = [
                      half_tail=True, split_n=True),
     mg.GroupedParams(block_m=32, up_block_n=16, up_block_k=32, down_block_n=16, down_block_k=16, group_m=1,
                      up_stages=2, down_stages=2, half_tail=True),
+    # gate and up through one dot (a [E, 2, N, K] box), with half-height tails and the half-width column tile
+    mg.GroupedParams(block_m=32, up_block_n=32, up_block_k=16, down_block_n=32, down_block_k=16, group_m=2,
+                     half_tail=True, split_n=True, one_dot=True),
+    mg.GroupedParams(block_m=16, up_block_n=16, up_block_k=32, down_block_n=16, down_block_k=16, one_dot=True),
 ]
 
 
@@ -132,6 +136,8 @@ def _tail_kinds(ids, E, block_m):
     # ~20 pairs per expert over 32-row tiles: tails of 14-16 rows (half height) and 17-22 (whole)
     (23, 5, 40, 48, 4, "gelu", SPLIT[3]),  # half-height tails and the half-width column tile
     (21, 4, 24, 32, 3, "silu", SPLIT[4]),  # half-height tails only
+    (23, 5, 40, 48, 4, "gelu", SPLIT[5]),  # one dot for gate and up, tails and the half-width column tile
+    (7, 6, 24, 48, 3, "silu", SPLIT[6]),  # one dot, N off the tile (TMA zero-fills the box past N)
 ])
 def test_split_tiles_match_reference_and_sglangs_rounding(M, E, N, K, topk, act, params):
     x, w1, w2, w, ids = _moe(M, E, N, K, topk, seed=M * 3 + N)
@@ -150,7 +156,8 @@ def test_split_tiles_match_reference_and_sglangs_rounding(M, E, N, K, topk, act,
 @pytest.mark.parametrize("fields", [
     dict(split_m=True, swap_ab=True), dict(split_n=True, a_tma=True), dict(split_m=True, block_m=16),
     dict(split_n=True, up_block_n=16), dict(half_tail=True, swap_ab=True), dict(half_tail=True, a_tma=True),
-    dict(half_tail=True, block_m=16), dict(half_tail=True, split_m=True),
+    dict(half_tail=True, block_m=16), dict(half_tail=True, split_m=True), dict(one_dot=True, swap_ab=True),
+    dict(one_dot=True, up_block_n=256),
 ])
 def test_split_params_refuse_what_the_kernels_cannot_do(fields):
     with pytest.raises(ValueError):

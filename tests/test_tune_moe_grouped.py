@@ -62,3 +62,13 @@ def test_table_file_round_trip(tmp_path):
     bad.write_text(json.dumps({"GPU X": {key: {"min_m": 8192, "by_m": {"4096": {}}}}}))
     with pytest.raises(ValueError):
         kg.load_table(str(bad))
+
+
+def test_candidate_patterns_pick_by_name():
+    assert tg.selected() == list(tg.CANDIDATES)
+    od = tg.selected(["*_od"])
+    assert od and all(n.endswith("_od") for n in od) and all(tg.CANDIDATES[n]["one_dot"] for n in od)
+    both = tg.selected(["*_od", "swap_*"])
+    assert set(both) == set(od) | {n for n in tg.CANDIDATES if n.startswith("swap_")}
+    with pytest.raises(SystemExit):
+        tg.selected(["no_such_candidate"])

@@ -20,6 +20,7 @@ table the plugin ships (`configs/moe_grouped.json` format), for `--write-table` 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import sys
 import time
@@ -77,9 +78,35 @@ CANDIDATES = {
     "bm128_u128x64w8s3_d256x64w8s3_ht_sn": _p(128, 128, 64, 8, 3, 256, 64, 8, 3, half_tail=True, split_n=True),
     "bm128_u128x64w8s3_d256x64w8s3_g4_ht_sn": _p(128, 128, 64, 8, 3, 256, 64, 8, 3, group_m=4, half_tail=True,
                                                  split_n=True),
+    # session 13: gate and up through one dot (one m64n256 wgmma per warpgroup and k-step instead of two m64n128),
+    # with the shipped shapes' options; BLOCK_K 128 at two stages halves the K loop's barriers per FLOP
+    "bm128_u128x64w8s4_d256x64w8s4_ht_sn_od": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, half_tail=True, split_n=True,
+                                                 one_dot=True),
+    "bm128_u128x64w8s4_d256x64w8s4_g16_ht_sn_od": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, group_m=16, half_tail=True,
+                                                     split_n=True, one_dot=True),
+    "bm128_u128x64w8s3_d256x64w8s3_ht_sn_od": _p(128, 128, 64, 8, 3, 256, 64, 8, 3, half_tail=True, split_n=True,
+                                                 one_dot=True),
+    "bm128_u128x64w8s3_d256x64w8s3_sn_od": _p(128, 128, 64, 8, 3, 256, 64, 8, 3, split_n=True, one_dot=True),
+    "bm128_u128x128w8s2_d256x64w8s4_ht_sn_od": _p(128, 128, 128, 8, 2, 256, 64, 8, 4, half_tail=True, split_n=True,
+                                                  one_dot=True),
+    "bm128_u128x64w8s4_d256x64w8s4_g4_ht_od": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, group_m=4, half_tail=True,
+                                                 one_dot=True),
+    "bm128_u128x64w8s4_d256x64w8s4_g16_sm_sn_od": _p(128, 128, 64, 8, 4, 256, 64, 8, 4, group_m=16, split_m=True,
+                                                     split_n=True, one_dot=True),
+    "bm128_u128x128w8s2_d256x64w8s4_ht_sn": _p(128, 128, 128, 8, 2, 256, 64, 8, 4, half_tail=True, split_n=True),
     "swap_t64_w64x64w4s4_h128x64w4s4": _p(64, 64, 64, 4, 4, 128, 64, 4, 4, swap_ab=True),
     "swap_t128_w128x64w8s3_h256x64w8s3": _p(128, 128, 64, 8, 3, 256, 64, 8, 3, swap_ab=True),
 }
+
+
+def selected(patterns=None):
+    """The candidates whose names match any of the shell-style patterns (all of them without patterns)."""
+    if not patterns:
+        return list(CANDIDATES)
+    names = [n for n in CANDIDATES if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+    if not names:
+        raise SystemExit(f"no candidate matches {patterns}; candidates: {sorted(CANDIDATES)}")
+    return names
 
 
 def skewed_routing(M, alpha=1.2, device="cuda"):
@@ -108,7 +135,7 @@ def tune_shape(N, ms, args, log):
     impl = stock_impl()
     w = Weights(N=N)
     rows = []
-    names = list(CANDIDATES)
+    names = selected(args.candidates)
     for M in sorted(ms):
         if M > FULL_SWEEP_MAX_M and rows:
             prev = rows[-1]["candidates_us"]
@@ -222,6 +249,9 @@ def main(argv=None) -> int:
                     help=f"seconds of untimed replays before each timed block (calls >= {common.PREHEAT_MIN_US:g} us): "
                          "candidates are ranked at the clock a sustained prefill load holds, not from a cool GPU "
                          "(0: off)")
+    ap.add_argument("--candidates", nargs="+", metavar="PATTERN",
+                    help="time only the candidates whose names match one of these shell-style patterns "
+                         "(e.g. 'bm128_*_ht_sn*'); default: all")
     ap.add_argument("--no-pieces", dest="pieces", action="store_false",
                     help="skip the cuBLAS / align / torch-sum reference timings")
     ap.add_argument("--write-table", action="store_true", help="merge this GPU's table into configs/moe_grouped.json")

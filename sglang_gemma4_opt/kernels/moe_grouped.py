@@ -17,7 +17,11 @@ sorted order belong to one expert):
 Variants (GroupedParams): tile shapes per GPU and M from `configs/moe_grouped.json` (tuner:
 `python -m sglang_gemma4_opt.bench.tune_moe_grouped`); `half_tail` runs an expert's last tile at half
 height when its second half is padding (expert runs padded to < block_m / 2 rows in MMA work, alignment
-unchanged); `split_n` runs the up kernel's last column tile at half width (N=704 over 128 columns);
+unchanged); `split_n` runs the up kernel's last column tile at half width (N=704 over 128 columns); `one_dot` loads a
+tile's gate and up weight rows as one TMA box of a [E, 2, N, K] view of w13 and multiplies them in one dot of
+2 * BLOCK_N columns (one m64n256k16 wgmma per warpgroup and k-step instead of two m64n128k16 that each read
+the token tile from shared memory; the accumulator splits into gate and up in registers; bit-identical to
+two dots, tested on the GPU; H200 session 13: 3-5% off the whole MoE at M=2048/4096/16384, 1% at 8192);
 `split_m` aligns to half tiles and pairs them (mixed-expert blocks cost a second pass over the weights:
 loses to half_tail below M=16384); `swap_ab` puts weight rows on the MMA's M side and 16-64 token rows on
 its N side (slower on H200/H100 at M >= 2048, kept as a candidate); `a_tma` loads the token rows from a
@@ -91,6 +95,11 @@ class GroupedParams:
     # expert's run with block_m / 2 real rows or fewer) runs at half height in both kernels: the padding
     # each expert pays drops below block_m / 2 rows without split_m's mixed-expert blocks
     half_tail: bool = False
+    # one_dot: gate and up columns of a tile come in one TMA box of a [E, 2, N, K] view of w13 and go through
+    # one dot of 2 * up_block_n columns (one m64n256 wgmma per warpgroup and k-step at up_block_n 128, where
+    # two dots issue two m64n128 that each read the token tile from shared memory); the accumulator is split
+    # into gate and up in registers. Same sums, same rounding points
+    one_dot: bool = False
 
     def __post_init__(self):
         if (self.split_m or self.split_n or self.half_tail) and (self.swap_ab or self.a_tma):
@@ -102,6 +111,8 @@ class GroupedParams:
             raise ValueError("split_m and half_tail are two ways of cutting the same padding; pick one")
         if self.split_n and self.up_block_n < 32:
             raise ValueError("split_n needs up_block_n >= 32")
+        if self.one_dot and (self.swap_ab or self.up_block_n > 128):
+            raise ValueError("one_dot applies to the plain up kernel with up_block_n <= 128 (wgmma's N <= 256)")
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -128,7 +139,7 @@ def _second_half_is_padding(sorted_ptr, row0, num_valid, BLOCK_M: tl.constexpr):
 @triton.jit
 def _up_tile(x_ptr, a_desc, w_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF, stride_xm, stride_om,
              TOPK: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BLOCK_K: tl.constexpr,
-             STAGES: tl.constexpr, A_TMA: tl.constexpr, WS: tl.constexpr):
+             STAGES: tl.constexpr, A_TMA: tl.constexpr, WS: tl.constexpr, ONE_DOT: tl.constexpr):
     """act(rows @ W_gate[e]^T) * (rows @ W_up[e]^T) for sorted rows row0 .. row0+BM, columns n0 .. n0+BN
     (w_desc's block is (BN, BLOCK_K))."""
     dt = out_ptr.dtype.element_ty
@@ -147,16 +158,29 @@ def _up_tile(x_ptr, a_desc, w_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid,
         tok = tl.load(sorted_ptr + rows)
         t_mask = tok < num_valid
         a_ptrs = x_ptr + (tok // TOPK).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
-            if A_TMA:
-                a = a_desc.load([row0, k])
-            else:
-                a = tl.load(a_ptrs, mask=t_mask[:, None] & (k + offs_k[None, :] < K), other=0.0)
-                a_ptrs += BLOCK_K
-            bg = w_desc.load([gate_row, k])
-            bu = w_desc.load([up_row, k])
-            acc_g = tl.dot(a, bg.T, acc_g)
-            acc_u = tl.dot(a, bu.T, acc_u)
+        if ONE_DOT:
+            # w_desc: a [E, 2, N_HALF, K] view, block (1, 2, BN, BLOCK_K): gate rows then up rows of the tile
+            acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
+            for k in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
+                if A_TMA:
+                    a = a_desc.load([row0, k])
+                else:
+                    a = tl.load(a_ptrs, mask=t_mask[:, None] & (k + offs_k[None, :] < K), other=0.0)
+                    a_ptrs += BLOCK_K
+                b = w_desc.load([e, 0, n0, k]).reshape(2 * BN, BLOCK_K)
+                acc = tl.dot(a, b.T, acc)
+            acc_g, acc_u = acc.reshape(BM, 2, BN).permute(0, 2, 1).split()
+        else:
+            for k in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
+                if A_TMA:
+                    a = a_desc.load([row0, k])
+                else:
+                    a = tl.load(a_ptrs, mask=t_mask[:, None] & (k + offs_k[None, :] < K), other=0.0)
+                    a_ptrs += BLOCK_K
+                bg = w_desc.load([gate_row, k])
+                bu = w_desc.load([up_row, k])
+                acc_g = tl.dot(a, bg.T, acc_g)
+                acc_u = tl.dot(a, bu.T, acc_u)
         g = acc_g.to(dt).to(tl.float32)  # sglang's intermediate_cache1 is in dt
         u = acc_u.to(dt).to(tl.float32)
         h = _act(g, ACT) * u
@@ -167,19 +191,19 @@ def _up_tile(x_ptr, a_desc, w_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid,
 def _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF,
              stride_xm, stride_om, TOPK: tl.constexpr, ACT: tl.constexpr, BM: tl.constexpr, BLOCK_N: tl.constexpr,
              BLOCK_K: tl.constexpr, STAGES: tl.constexpr, A_TMA: tl.constexpr, WS: tl.constexpr,
-             SPLIT_N: tl.constexpr):
+             SPLIT_N: tl.constexpr, ONE_DOT: tl.constexpr):
     """One tile of BM rows; with SPLIT_N the last column tile, when half of it or less is real (N=704 over
     128-column tiles: 64 of 128), runs at half width instead of multiplying padding."""
     if SPLIT_N:
         if N_HALF - n0 <= BLOCK_N // 2:
             _up_tile(x_ptr, a_desc, w1h_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF, stride_xm,
-                     stride_om, TOPK, ACT, BM, BLOCK_N // 2, BLOCK_K, STAGES, A_TMA, WS)
+                     stride_om, TOPK, ACT, BM, BLOCK_N // 2, BLOCK_K, STAGES, A_TMA, WS, ONE_DOT)
         else:
             _up_tile(x_ptr, a_desc, w1_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF, stride_xm,
-                     stride_om, TOPK, ACT, BM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS)
+                     stride_om, TOPK, ACT, BM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, ONE_DOT)
     else:
         _up_tile(x_ptr, a_desc, w1_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF, stride_xm,
-                 stride_om, TOPK, ACT, BM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS)
+                 stride_om, TOPK, ACT, BM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, ONE_DOT)
 
 
 @triton.jit
@@ -189,6 +213,7 @@ def grouped_up_act_kernel(
     TOPK: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr, A_TMA: tl.constexpr,
     WS: tl.constexpr, SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr, HALF_TAIL: tl.constexpr,
+    ONE_DOT: tl.constexpr = False,
 ):
     """Up projection + activation. SPLIT_M: the alignment is to BLOCK_M // 2 rows (each expert's run padded
     to half a tile); a program owns two half blocks and runs one full tile when both belong to the same
@@ -212,21 +237,21 @@ def grouped_up_act_kernel(
         e1 = tl.load(experts_ptr + 2 * pid_m + 1, mask=has1, other=-2)
         if e0 == e1:
             _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0, e0, n0, num_valid, K, N_HALF,
-                     stride_xm, stride_om, TOPK, ACT, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N)
+                     stride_xm, stride_om, TOPK, ACT, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N, ONE_DOT)
         else:
             _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0, e0, n0, num_valid, K, N_HALF,
-                     stride_xm, stride_om, TOPK, ACT, HM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N)
+                     stride_xm, stride_om, TOPK, ACT, HM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N, ONE_DOT)
             if has1:
                 _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0 + HM, e1, n0, num_valid, K,
-                         N_HALF, stride_xm, stride_om, TOPK, ACT, HM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N)
+                         N_HALF, stride_xm, stride_om, TOPK, ACT, HM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N, ONE_DOT)
     else:
         e = tl.load(experts_ptr + pid_m)
         if HALF_TAIL and _second_half_is_padding(sorted_ptr, row0, num_valid, BLOCK_M):
             _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF,
-                     stride_xm, stride_om, TOPK, ACT, BLOCK_M // 2, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N)
+                     stride_xm, stride_om, TOPK, ACT, BLOCK_M // 2, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N, ONE_DOT)
         else:
             _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF,
-                     stride_xm, stride_om, TOPK, ACT, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N)
+                     stride_xm, stride_om, TOPK, ACT, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N, ONE_DOT)
 
 
 @triton.jit
@@ -525,13 +550,18 @@ def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", para
         else:
             a_desc = w1_desc  # unused
         w1h_desc = _desc(w1.view(E * two_n, K), (p.up_block_n // 2, p.up_block_k)) if split_n else w1_desc
+        if p.one_dot:  # gate and up rows of a tile in one box of the [E, 2, N, K] view
+            w4 = w1.view(E, 2, n_half, K)
+            w1_desc = _desc(w4, (1, 2, p.up_block_n, p.up_block_k))
+            w1h_desc = _desc(w4, (1, 2, p.up_block_n // 2, p.up_block_k)) if split_n else w1_desc
         hh_desc = _desc(inter, (p.block_m // 2, p.down_block_k)) if split_m or half_tail else h_desc
         grouped_up_act_kernel[up_grid](
             x, a_desc, w1_desc, w1h_desc, sorted_ids, expert_ids, npost, inter,
             topk_ids.numel(), EM, K, n_half, x.stride(0), inter.stride(0),
             TOPK=topk, ACT=ACTIVATIONS[activation], BLOCK_M=p.block_m, BLOCK_N=p.up_block_n,
             BLOCK_K=p.up_block_k, GROUP_M=p.group_m, STAGES=p.up_stages, A_TMA=p.a_tma,
-            WS=p.warp_specialize, SPLIT_M=split_m, SPLIT_N=split_n, HALF_TAIL=half_tail, num_warps=p.up_warps,
+            WS=p.warp_specialize, SPLIT_M=split_m, SPLIT_N=split_n, HALF_TAIL=half_tail, ONE_DOT=p.one_dot,
+            num_warps=p.up_warps,
         )
         grouped_down_kernel[down_grid](
             h_desc, hh_desc, w2_desc, sorted_ids, expert_ids, npost, wts, cache3,

@@ -45,6 +45,8 @@ VARIANTS = {
     "split": dict(split_m=True, split_n=True, up_block_n=128, down_block_n=256, up_stages=4, down_stages=4),
     # tiles whose second half is padding at half height (alignment to 128 rows as sglang's)
     "half_tail": dict(half_tail=True, split_n=True, up_block_n=128, down_block_n=256, up_stages=4, down_stages=4),
+    "one_dot": dict(half_tail=True, split_n=True, one_dot=True, up_block_n=128, down_block_n=256, up_stages=4,
+                    down_stages=4),
     "swap_t64": dict(swap_ab=True, block_m=64, up_block_n=128, up_warps=4, down_block_n=128, down_warps=4),
     "swap_t32": dict(swap_ab=True, block_m=32, up_block_n=128, up_block_k=128, up_warps=4, down_block_n=128,
                      down_block_k=128, down_warps=4),
@@ -70,6 +72,29 @@ def test_against_reference_and_sglang(M, N, variant):
     rel = ((out.float() - ref).norm() / ref.norm()).item()
     assert rel < 1e-2, (rel, e_out, e_stock)
     assert e_out <= 1.25 * e_stock + 2e-3, (e_out, e_stock)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(half_tail=True, split_n=True, up_block_n=128, down_block_n=256, up_stages=4, down_stages=4),
+    dict(half_tail=True, split_n=True, up_block_n=128, up_block_k=128, up_stages=2, down_block_n=256),
+    dict(split_n=True, up_block_n=128, down_block_n=256, up_stages=3, down_stages=3),
+    dict(up_block_n=64),
+])
+@pytest.mark.parametrize("M, N", [(2048, 704), (777, 352), (333, 704)])
+def test_one_dot_is_bit_identical_to_two_dots(M, N, fields):
+    """Gate and up through one m64n256 wgmma (one_dot) sum each output element over the same k-steps as the
+    two m64n128 ones: the same bits, padding, tails, the half-width column tile and filtered experts included."""
+    from sglang_gemma4_opt.kernels import moe_grouped as mg
+
+    x, w13, w2, w, ids = _inputs(M, N, seed=M * 7 + N)
+    ids[5, 1] = -1
+    two = mg.fused_moe_grouped(x, w13, w2, w, ids, "gelu", params=mg.GroupedParams(**fields))
+    one = mg.fused_moe_grouped(x, w13, w2, w, ids, "gelu", params=mg.GroupedParams(**fields, one_dot=True))
+    assert torch.isfinite(one).all()
+    assert torch.equal(one, two)
+    other = mg.fused_moe_grouped(x, w13, w2, w, ids.roll(1, dims=0).contiguous(), "gelu",
+                                 params=mg.GroupedParams(**fields, one_dot=True))
+    assert not torch.equal(other, one)  # the comparison sees the routing
 
 
 @pytest.mark.parametrize("variant", ["pointer", "swap_t64"])
