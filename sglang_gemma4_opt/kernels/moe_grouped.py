@@ -158,29 +158,26 @@ def _up_tile(x_ptr, a_desc, w_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid,
         tok = tl.load(sorted_ptr + rows)
         t_mask = tok < num_valid
         a_ptrs = x_ptr + (tok // TOPK).to(tl.int64)[:, None] * stride_xm + offs_k[None, :]
-        if ONE_DOT:
-            # w_desc: a [E, 2, N_HALF, K] view, block (1, 2, BN, BLOCK_K): gate rows then up rows of the tile
-            acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
-            for k in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
-                if A_TMA:
-                    a = a_desc.load([row0, k])
-                else:
-                    a = tl.load(a_ptrs, mask=t_mask[:, None] & (k + offs_k[None, :] < K), other=0.0)
-                    a_ptrs += BLOCK_K
+        # ONE_DOT: w_desc is a [E, 2, N_HALF, K] view with block (1, 2, BN, BLOCK_K), the tile's gate rows then
+        # its up rows, through one dot into acc; else two boxes of the [E * 2N, K] view into acc_g and acc_u (the
+        # accumulators a variant does not use stay out of the loop: unchanged loop values fold away)
+        acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
+        for k in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
+            if A_TMA:
+                a = a_desc.load([row0, k])
+            else:
+                a = tl.load(a_ptrs, mask=t_mask[:, None] & (k + offs_k[None, :] < K), other=0.0)
+                a_ptrs += BLOCK_K
+            if ONE_DOT:
                 b = w_desc.load([e, 0, n0, k]).reshape(2 * BN, BLOCK_K)
                 acc = tl.dot(a, b.T, acc)
-            acc_g, acc_u = acc.reshape(BM, 2, BN).permute(0, 2, 1).split()
-        else:
-            for k in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
-                if A_TMA:
-                    a = a_desc.load([row0, k])
-                else:
-                    a = tl.load(a_ptrs, mask=t_mask[:, None] & (k + offs_k[None, :] < K), other=0.0)
-                    a_ptrs += BLOCK_K
+            else:
                 bg = w_desc.load([gate_row, k])
                 bu = w_desc.load([up_row, k])
                 acc_g = tl.dot(a, bg.T, acc_g)
                 acc_u = tl.dot(a, bu.T, acc_u)
+        if ONE_DOT:
+            acc_g, acc_u = acc.reshape(BM, 2, BN).permute(0, 2, 1).split()
         g = acc_g.to(dt).to(tl.float32)  # sglang's intermediate_cache1 is in dt
         u = acc_u.to(dt).to(tl.float32)
         h = _act(g, ACT) * u
