@@ -240,12 +240,14 @@ def grouped_up_act_kernel(
                      stride_xm, stride_om, TOPK, ACT, HM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N, ONE_DOT)
             if has1:
                 _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0 + HM, e1, n0, num_valid, K,
-                         N_HALF, stride_xm, stride_om, TOPK, ACT, HM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N, ONE_DOT)
+                         N_HALF, stride_xm, stride_om, TOPK, ACT, HM, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N,
+                         ONE_DOT)
     else:
         e = tl.load(experts_ptr + pid_m)
         if HALF_TAIL and _second_half_is_padding(sorted_ptr, row0, num_valid, BLOCK_M):
             _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF,
-                     stride_xm, stride_om, TOPK, ACT, BLOCK_M // 2, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N, ONE_DOT)
+                     stride_xm, stride_om, TOPK, ACT, BLOCK_M // 2, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N,
+                     ONE_DOT)
         else:
             _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF,
                      stride_xm, stride_om, TOPK, ACT, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N, ONE_DOT)
@@ -519,7 +521,13 @@ def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", para
     sorted_ids, expert_ids, npost = align(topk_ids, p.block_m // 2 if split_m else p.block_m, E)
     EM = sorted_ids.numel()
     inter = torch.empty(EM, n_half, device=x.device, dtype=x.dtype)
-    w1_desc = _desc(w1.view(E * two_n, K), (p.up_block_n, p.up_block_k))
+    if p.one_dot:  # gate and up rows of a tile in one box of the [E, 2, N, K] view
+        w4 = w1.view(E, 2, n_half, K)
+        w1_desc = _desc(w4, (1, 2, p.up_block_n, p.up_block_k))
+        w1h_desc = _desc(w4, (1, 2, p.up_block_n // 2, p.up_block_k)) if split_n else w1_desc
+    else:
+        w1_desc = _desc(w1.view(E * two_n, K), (p.up_block_n, p.up_block_k))
+        w1h_desc = _desc(w1.view(E * two_n, K), (p.up_block_n // 2, p.up_block_k)) if split_n else w1_desc
     cache3 = torch.empty(M * topk, hidden, device=x.device, dtype=x.dtype)
     h_desc = _desc(inter, (p.block_m, p.down_block_k))
     w2_desc = _desc(w2.view(E * hidden, n_half), (p.down_block_n, p.down_block_k))
@@ -546,11 +554,6 @@ def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", para
             a_desc = _desc(a, (p.block_m, p.up_block_k))
         else:
             a_desc = w1_desc  # unused
-        w1h_desc = _desc(w1.view(E * two_n, K), (p.up_block_n // 2, p.up_block_k)) if split_n else w1_desc
-        if p.one_dot:  # gate and up rows of a tile in one box of the [E, 2, N, K] view
-            w4 = w1.view(E, 2, n_half, K)
-            w1_desc = _desc(w4, (1, 2, p.up_block_n, p.up_block_k))
-            w1h_desc = _desc(w4, (1, 2, p.up_block_n // 2, p.up_block_k)) if split_n else w1_desc
         hh_desc = _desc(inter, (p.block_m // 2, p.down_block_k)) if split_m or half_tail else h_desc
         grouped_up_act_kernel[up_grid](
             x, a_desc, w1_desc, w1h_desc, sorted_ids, expert_ids, npost, inter,
