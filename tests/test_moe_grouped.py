@@ -97,6 +97,9 @@ SPLIT = [
     mg.GroupedParams(block_m=32, up_block_n=32, up_block_k=16, down_block_n=32, down_block_k=16, group_m=2,
                      half_tail=True, split_n=True, one_dot=True),
     mg.GroupedParams(block_m=16, up_block_n=16, up_block_k=32, down_block_n=16, down_block_k=16, one_dot=True),
+    # quarter-height tails (16 of 64 rows) next to the half-height ones, with one dot and the half-width column tile
+    mg.GroupedParams(block_m=64, up_block_n=32, up_block_k=16, down_block_n=32, down_block_k=16, group_m=2,
+                     half_tail=True, quarter_tail=True, split_n=True, one_dot=True),
 ]
 
 
@@ -115,17 +118,20 @@ def _program_kinds(ids, E, block_m):
     return full, half
 
 
-def _tail_kinds(ids, E, block_m):
-    """(padded full tiles, half tiles) the half_tail kernels run: a tile whose second half is all padding
-    runs at half height; one with padding that starts inside its second half runs whole."""
+def _tail_kinds(ids, E, block_m, quarter=False):
+    """(padded full tiles, half tiles, quarter tiles) the half_tail kernels run: a tile whose second half is all
+    padding runs at half height (with quarter_tail: at a quarter when all but its first quarter is); one with
+    padding that starts inside its second half runs whole."""
     s, _, npost = mg.align_torch(ids.to(torch.int32), block_m, E)
     numel = ids.numel()
-    padded_full = half = 0
+    padded_full = half = quart = 0
     for r in range(0, int(npost), block_m):
         real = int((s[r:r + block_m] < numel).sum())
-        half += real <= block_m // 2
+        q = quarter and real <= block_m // 4
+        quart += q
+        half += real <= block_m // 2 and not q
         padded_full += block_m // 2 < real < block_m
-    return padded_full, half
+    return padded_full, half, quart
 
 
 @pytest.mark.interpret
@@ -138,6 +144,8 @@ def _tail_kinds(ids, E, block_m):
     (21, 4, 24, 32, 3, "silu", SPLIT[4]),  # half-height tails only
     (23, 5, 40, 48, 4, "gelu", SPLIT[5]),  # one dot for gate and up, tails and the half-width column tile
     (7, 6, 24, 48, 3, "silu", SPLIT[6]),  # one dot, N off the tile (TMA zero-fills the box past N)
+    # ~34 pairs per expert over 64-row tiles: tails of every height (quarter, half, whole)
+    (60, 7, 40, 48, 4, "gelu", SPLIT[7]),
 ])
 def test_split_tiles_match_reference_and_sglangs_rounding(M, E, N, K, topk, act, params):
     x, w1, w2, w, ids = _moe(M, E, N, K, topk, seed=M * 3 + N)
@@ -146,8 +154,8 @@ def test_split_tiles_match_reference_and_sglangs_rounding(M, E, N, K, topk, act,
         full, half = _program_kinds(ids, E, params.block_m)
         assert full > 0 and half > 0, (full, half)  # the routing reaches both kinds of program
     if params.half_tail:
-        padded_full, half = _tail_kinds(ids, E, params.block_m)
-        assert padded_full > 0 and half > 0, (padded_full, half)
+        kinds = _tail_kinds(ids, E, params.block_m, params.quarter_tail)
+        assert all(kinds[:2]) and (kinds[2] > 0) == params.quarter_tail, kinds  # the routing reaches each height
     if params.split_n:
         assert 0 < N % params.up_block_n <= params.up_block_n // 2
     _check_against_reference_and_sglang(x, w1, w2, w, ids, act, params)
@@ -157,7 +165,8 @@ def test_split_tiles_match_reference_and_sglangs_rounding(M, E, N, K, topk, act,
     dict(split_m=True, swap_ab=True), dict(split_n=True, a_tma=True), dict(split_m=True, block_m=16),
     dict(split_n=True, up_block_n=16), dict(half_tail=True, swap_ab=True), dict(half_tail=True, a_tma=True),
     dict(half_tail=True, block_m=16), dict(half_tail=True, split_m=True), dict(one_dot=True, swap_ab=True),
-    dict(one_dot=True, up_block_n=256),
+    dict(one_dot=True, up_block_n=256), dict(persistent_down=True, swap_ab=True),
+    dict(persistent_down=True, split_m=True), dict(quarter_tail=True), dict(quarter_tail=True, half_tail=True, block_m=32),
 ])
 def test_split_params_refuse_what_the_kernels_cannot_do(fields):
     with pytest.raises(ValueError):
@@ -230,3 +239,25 @@ def test_unsupported_reasons(change, why):
     change(args)
     r = mg.unsupported_reason(**args)
     assert r is not None and why in r, r
+
+
+
+# persistent_down (the down GEMM as a few programs looping over the tiles): the same bits as one program per tile
+@pytest.mark.interpret
+@pytest.mark.parametrize("M, E, N, K, topk, base", [
+    (9, 5, 24, 32, 3, mg.GroupedParams(block_m=16, up_block_n=16, up_block_k=16, down_block_n=16, down_block_k=16,
+                                       group_m=2)),
+    # half tails (the persistent kernel runs them at full height); hidden 48 over 32-column tiles
+    (23, 5, 40, 48, 4, mg.GroupedParams(block_m=32, up_block_n=32, up_block_k=16, down_block_n=32, down_block_k=16,
+                                        group_m=2, half_tail=True, split_n=True, one_dot=True)),
+])
+def test_persistent_down_is_bit_identical(M, E, N, K, topk, base):
+    x, w1, w2, w, ids = _moe(M, E, N, K, topk, seed=M * 5 + N)
+    ids[1, 0] = -1  # an EP-filtered slot: zeros
+    params = mg.GroupedParams(**dict(base.as_dict(), persistent_down=True))
+    _, _, npost = mg.align_torch(ids.to(torch.int32), base.block_m, E)
+    tiles = int(npost) // base.block_m * -(-K // base.down_block_n)
+    assert tiles > 2 * mg._num_sms(x.device)  # programs loop over several tiles
+    expect = mg.fused_moe_grouped(x, w1, w2, w, ids, "gelu", params=base, routed_scaling_factor=1.5)
+    got = mg.fused_moe_grouped(x, w1, w2, w, ids, "gelu", params=params, routed_scaling_factor=1.5)
+    assert torch.equal(got, expect)

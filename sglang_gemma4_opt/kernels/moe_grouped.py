@@ -25,8 +25,20 @@ two dots, tested on the GPU; H200 session 13: 3-5% off the whole MoE at M=2048/4
 `split_m` aligns to half tiles and pairs them (mixed-expert blocks cost a second pass over the weights:
 loses to half_tail below M=16384); `swap_ab` puts weight rows on the MMA's M side and 16-64 token rows on
 its N side (slower on H200/H100 at M >= 2048, kept as a candidate); `a_tma` loads the token rows from a
-pre-gathered copy through TMA (slower: the copy costs more than it saves); the top-k sum is a streaming
-Triton kernel (torch's reads cache3 at ~1.8 TB/s on an H200).
+pre-gathered copy through TMA (slower: the copy costs more than it saves); `quarter_tail` (with half_tail) runs
+a tail tile with three quarters padding at 32 rows (mma.sync: wgmma's M is 64 per warpgroup); `persistent_down`
+runs the down GEMM as one program per SM with the tile loop flattened into the K loop (Triton's
+tl.range(flatten=True)), tails at full height; the top-k sum is a streaming Triton kernel (torch's reads cache3
+at ~1.8 TB/s on an H200).
+
+Session 14 (H200, tuner side by side, `diagnostics/tune_moe_grouped-quarter_tail-*`, `...-fused_sum-persistent_down-*`):
+quarter_tail 626 vs 633 us at M=2048 and 1033 vs 1011 at 4096, persistent_down 598 vs 597 and 995 vs 978 (persistent_down
+bit-identical to the shipped down kernel, quarter_tail within the fp32-reference tolerance, both GPU-tested): kept
+as tuner candidates, not shipped. Rejected and removed: the top-k
+sum fused into the down kernel's epilogue (per-(token, column tile) arrival counters, acq_rel atomics after a CTA
+barrier, the last arriver summing the TOPK cache3 rows in k order: the same bits, GPU-tested, but 667 vs 597 us at
+M=2048 and 1089 vs 978 at 4096, 702 / 1098 persistent: the epilogue's dependent L2 round trips are not overlapped
+with one 196 KB program per SM, and cost ~3x the 26 us pass they replace).
 
 Measured (H200, CUDA-graph replay; `benchmarks/results/diagnostics/tune_moe_grouped-*.json`, per-kernel
 split `moe_kernel_breakdown-*.json`): sglang's path with the plugin's tables -> grouped 731 -> 622 us at
@@ -95,11 +107,18 @@ class GroupedParams:
     # expert's run with block_m / 2 real rows or fewer) runs at half height in both kernels: the padding
     # each expert pays drops below block_m / 2 rows without split_m's mixed-expert blocks
     half_tail: bool = False
+    # quarter_tail (with half_tail): a tail tile whose last three quarters are padding runs at a quarter of the
+    # height (32 of 128 rows; Triton takes mma.sync for a 32-row dot, wgmma's M being 64 per warpgroup)
+    quarter_tail: bool = False
     # one_dot: gate and up columns of a tile come in one TMA box of a [E, 2, N, K] view of w13 and go through
     # one dot of 2 * up_block_n columns (one m64n256 wgmma per warpgroup and k-step at up_block_n 128, where
     # two dots issue two m64n128 that each read the token tile from shared memory); the accumulator is split
     # into gate and up in registers. Same sums, same rounding points
     one_dot: bool = False
+    # persistent_down: the down GEMM as one program per SM looping over the tiles, the tile loop and its K loop
+    # flattened by Triton's pipeliner (tl.range(flatten=True)) so the next tile's loads are in flight during a
+    # tile's epilogue (the K loop is only N/BLOCK_K = 11 steps at N=704); tail tiles at full height
+    persistent_down: bool = False
 
     def __post_init__(self):
         if (self.split_m or self.split_n or self.half_tail) and (self.swap_ab or self.a_tma):
@@ -113,6 +132,12 @@ class GroupedParams:
             raise ValueError("split_n needs up_block_n >= 32")
         if self.one_dot and (self.swap_ab or self.up_block_n > 128):
             raise ValueError("one_dot applies to the plain up kernel with up_block_n <= 128 (wgmma's N <= 256)")
+        if self.quarter_tail and (not self.half_tail or self.block_m < 64):
+            raise ValueError("quarter_tail refines half_tail and needs block_m >= 64 (quarter tiles of 16+ rows)")
+        if self.persistent_down and self.swap_ab:
+            raise ValueError("persistent_down applies to the plain down kernel")
+        if self.persistent_down and self.split_m:
+            raise ValueError("persistent_down runs whole tiles of one expert: not with split_m")
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -134,6 +159,21 @@ def _second_half_is_padding(sorted_ptr, row0, num_valid, BLOCK_M: tl.constexpr):
     """half_tail's test, shared by both kernels so they cut the same tiles: padding (sorted id num_valid)
     sits at the end of an expert's run, so the tile's middle row tells whether its second half is empty."""
     return tl.load(sorted_ptr + row0 + BLOCK_M // 2) >= num_valid
+
+
+@triton.jit
+def _tail_rows(sorted_ptr, row0, num_valid, BLOCK_M: tl.constexpr, HALF_TAIL: tl.constexpr,
+               QUARTER_TAIL: tl.constexpr):
+    """The height a tile runs at under half_tail / quarter_tail: BLOCK_M // 4 when its rows from a quarter on are
+    padding, BLOCK_M // 2 when its second half is, else BLOCK_M (as a code 4 / 2 / 1 of the divisor)."""
+    div = 1
+    if HALF_TAIL:
+        if _second_half_is_padding(sorted_ptr, row0, num_valid, BLOCK_M):
+            div = 2
+            if QUARTER_TAIL:
+                if tl.load(sorted_ptr + row0 + BLOCK_M // 4) >= num_valid:
+                    div = 4
+    return div
 
 
 @triton.jit
@@ -210,7 +250,7 @@ def grouped_up_act_kernel(
     TOPK: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr, A_TMA: tl.constexpr,
     WS: tl.constexpr, SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr, HALF_TAIL: tl.constexpr,
-    ONE_DOT: tl.constexpr = False,
+    ONE_DOT: tl.constexpr = False, QUARTER_TAIL: tl.constexpr = False,
 ):
     """Up projection + activation. SPLIT_M: the alignment is to BLOCK_M // 2 rows (each expert's run padded
     to half a tile); a program owns two half blocks and runs one full tile when both belong to the same
@@ -244,7 +284,12 @@ def grouped_up_act_kernel(
                          ONE_DOT)
     else:
         e = tl.load(experts_ptr + pid_m)
-        if HALF_TAIL and _second_half_is_padding(sorted_ptr, row0, num_valid, BLOCK_M):
+        div = _tail_rows(sorted_ptr, row0, num_valid, BLOCK_M, HALF_TAIL, QUARTER_TAIL)
+        if QUARTER_TAIL and div == 4:  # constexpr first: a variant without it never compiles the branch
+            _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF,
+                     stride_xm, stride_om, TOPK, ACT, BLOCK_M // 4, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N,
+                     ONE_DOT)
+        elif HALF_TAIL and div == 2:
             _up_rows(x_ptr, a_desc, w1_desc, w1h_desc, sorted_ptr, out_ptr, row0, e, n0, num_valid, K, N_HALF,
                      stride_xm, stride_om, TOPK, ACT, BLOCK_M // 2, BLOCK_N, BLOCK_K, STAGES, A_TMA, WS, SPLIT_N,
                      ONE_DOT)
@@ -281,13 +326,14 @@ def _down_tile(h_desc, w2_desc, sorted_ptr, wts_ptr, out_ptr, row0, e, n0, num_v
 
 @triton.jit
 def grouped_down_kernel(
-    h_desc, hh_desc, w2_desc, sorted_ptr, experts_ptr, npost_ptr, wts_ptr, out_ptr,
+    h_desc, hh_desc, hq_desc, w2_desc, sorted_ptr, experts_ptr, npost_ptr, wts_ptr, out_ptr,
     num_valid, EM, HIDDEN, N_HALF, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     STAGES: tl.constexpr, WS: tl.constexpr, SPLIT_M: tl.constexpr, HALF_TAIL: tl.constexpr,
+    QUARTER_TAIL: tl.constexpr = False,
 ):
-    """Down projection; SPLIT_M and HALF_TAIL as in grouped_up_act_kernel (hh_desc: the intermediate in
-    half blocks)."""
+    """Down projection; SPLIT_M, HALF_TAIL and QUARTER_TAIL as in grouped_up_act_kernel (hh_desc / hq_desc: the
+    intermediate in half / quarter blocks)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(EM, BLOCK_M)
     num_pid_n = tl.cdiv(HIDDEN, BLOCK_N)
@@ -313,12 +359,53 @@ def grouped_down_kernel(
                            N_HALF, stride_om, HM, BLOCK_N, BLOCK_K, STAGES, WS)
     else:
         e = tl.load(experts_ptr + pid_m)
-        if HALF_TAIL and _second_half_is_padding(sorted_ptr, row0, num_valid, BLOCK_M):
+        div = _tail_rows(sorted_ptr, row0, num_valid, BLOCK_M, HALF_TAIL, QUARTER_TAIL)
+        if QUARTER_TAIL and div == 4:  # constexpr first: a variant without it never compiles the branch
+            _down_tile(hq_desc, w2_desc, sorted_ptr, wts_ptr, out_ptr, row0, e, n0, num_valid, HIDDEN, N_HALF,
+                       stride_om, BLOCK_M // 4, BLOCK_N, BLOCK_K, STAGES, WS)
+        elif HALF_TAIL and div == 2:
             _down_tile(hh_desc, w2_desc, sorted_ptr, wts_ptr, out_ptr, row0, e, n0, num_valid, HIDDEN, N_HALF,
                        stride_om, BLOCK_M // 2, BLOCK_N, BLOCK_K, STAGES, WS)
         else:
             _down_tile(h_desc, w2_desc, sorted_ptr, wts_ptr, out_ptr, row0, e, n0, num_valid, HIDDEN, N_HALF,
                        stride_om, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, WS)
+
+
+@triton.jit
+def grouped_down_persistent_kernel(
+    h_desc, w2_desc, sorted_ptr, experts_ptr, npost_ptr, wts_ptr, out_ptr,
+    num_valid, HIDDEN, N_HALF, stride_om, NUM_PROGS,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    STAGES: tl.constexpr, WS: tl.constexpr,
+):
+    """grouped_down_kernel as NUM_PROGS programs striding over the tiles of the aligned rows (the same tile
+    order, so the tiles in flight at once are the same), the tile loop and its K loop flattened into one
+    pipelined loop. Expert -1 (EP-filtered) runs expert 0's weights and stores zeros; every tile at full
+    height (rows past a half-tail tile's real rows are padding: their products are never stored)."""
+    npost = tl.load(npost_ptr)
+    num_pid_m = tl.cdiv(npost, BLOCK_M)
+    num_pid_n = tl.cdiv(HIDDEN, BLOCK_N)
+    k_tiles = tl.cdiv(N_HALF, BLOCK_K)
+    dt = out_ptr.dtype.element_ty
+    for tile in tl.range(tl.program_id(0), num_pid_m * num_pid_n, NUM_PROGS, flatten=True, warp_specialize=WS):
+        pid_m, pid_n = _tile(tile, num_pid_m, num_pid_n, GROUP_M)
+        row0 = pid_m * BLOCK_M
+        n0 = pid_n * BLOCK_N
+        e = tl.load(experts_ptr + pid_m)
+        b_row = tl.maximum(e, 0) * HIDDEN + n0
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for ki in range(k_tiles):
+            a = h_desc.load([row0, ki * BLOCK_K])
+            b = w2_desc.load([b_row, ki * BLOCK_K])
+            acc = tl.dot(a, b.T, acc)
+        rows = row0 + tl.arange(0, BLOCK_M)
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        tok = tl.load(sorted_ptr + rows)
+        t_mask = tok < num_valid
+        w = tl.load(wts_ptr + tok, mask=t_mask, other=0.0)
+        acc = tl.where(e == -1, 0.0, acc * w[:, None])
+        o_mask = t_mask[:, None] & (offs_n[None, :] < HIDDEN)
+        tl.store(out_ptr + tok.to(tl.int64)[:, None] * stride_om + offs_n[None, :], acc.to(dt), mask=o_mask)
 
 
 @triton.jit
@@ -491,6 +578,17 @@ def _sglang_align():
     return moe_align_block_size
 
 
+@functools.lru_cache(maxsize=None)
+def _num_sms_of(device_type: str, index) -> int:
+    if device_type != "cuda":
+        return 4  # the interpreter (CPU tests): a few programs, each looping over several tiles
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _num_sms(device: torch.device) -> int:
+    return _num_sms_of(device.type, device.index if device.index is not None else 0)
+
+
 def _desc(t: torch.Tensor, block):
     from triton.tools.tensor_descriptor import TensorDescriptor
 
@@ -515,6 +613,7 @@ def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", para
         topk_ids = topk_ids.to(torch.int32)
     split_m = p.split_m and not p.swap_ab
     half_tail = p.half_tail and not p.swap_ab
+    quarter_tail = p.quarter_tail and half_tail
     # half-width last column tile only where it saves work: the remainder fits half a tile
     rem = n_half % p.up_block_n
     split_n = p.split_n and not p.swap_ab and 0 < rem <= p.up_block_n // 2
@@ -555,21 +654,29 @@ def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", para
         else:
             a_desc = w1_desc  # unused
         hh_desc = _desc(inter, (p.block_m // 2, p.down_block_k)) if split_m or half_tail else h_desc
+        hq_desc = _desc(inter, (p.block_m // 4, p.down_block_k)) if quarter_tail else h_desc
         grouped_up_act_kernel[up_grid](
             x, a_desc, w1_desc, w1h_desc, sorted_ids, expert_ids, npost, inter,
             topk_ids.numel(), EM, K, n_half, x.stride(0), inter.stride(0),
             TOPK=topk, ACT=ACTIVATIONS[activation], BLOCK_M=p.block_m, BLOCK_N=p.up_block_n,
             BLOCK_K=p.up_block_k, GROUP_M=p.group_m, STAGES=p.up_stages, A_TMA=p.a_tma,
             WS=p.warp_specialize, SPLIT_M=split_m, SPLIT_N=split_n, HALF_TAIL=half_tail, ONE_DOT=p.one_dot,
-            num_warps=p.up_warps,
+            QUARTER_TAIL=quarter_tail, num_warps=p.up_warps,
         )
-        grouped_down_kernel[down_grid](
-            h_desc, hh_desc, w2_desc, sorted_ids, expert_ids, npost, wts, cache3,
-            topk_ids.numel(), EM, hidden, n_half, cache3.stride(0),
-            BLOCK_M=p.block_m, BLOCK_N=p.down_block_n, BLOCK_K=p.down_block_k, GROUP_M=p.group_m,
-            STAGES=p.down_stages, WS=p.warp_specialize, SPLIT_M=split_m, HALF_TAIL=half_tail,
-            num_warps=p.down_warps,
-        )
+        consts = dict(BLOCK_M=p.block_m, BLOCK_N=p.down_block_n, BLOCK_K=p.down_block_k, GROUP_M=p.group_m,
+                      STAGES=p.down_stages, WS=p.warp_specialize, num_warps=p.down_warps)
+        if p.persistent_down:
+            progs = min(down_grid[0], _num_sms(x.device))
+            grouped_down_persistent_kernel[(progs,)](
+                h_desc, w2_desc, sorted_ids, expert_ids, npost, wts, cache3,
+                topk_ids.numel(), hidden, n_half, cache3.stride(0), progs, **consts,
+            )
+        else:
+            grouped_down_kernel[down_grid](
+                h_desc, hh_desc, hq_desc, w2_desc, sorted_ids, expert_ids, npost, wts, cache3,
+                topk_ids.numel(), EM, hidden, n_half, cache3.stride(0),
+                SPLIT_M=split_m, HALF_TAIL=half_tail, QUARTER_TAIL=quarter_tail, **consts,
+            )
     if out is None or out.stride(-1) != 1 or out.dtype != x.dtype:
         y = torch.empty(M, hidden, device=x.device, dtype=x.dtype)
     else:

@@ -47,6 +47,12 @@ VARIANTS = {
     "half_tail": dict(half_tail=True, split_n=True, up_block_n=128, down_block_n=256, up_stages=4, down_stages=4),
     "one_dot": dict(half_tail=True, split_n=True, one_dot=True, up_block_n=128, down_block_n=256, up_stages=4,
                     down_stages=4),
+    # tail tiles at a quarter of the height (32 rows: mma.sync) as well as half
+    "quarter_tail": dict(half_tail=True, quarter_tail=True, split_n=True, one_dot=True, up_block_n=128,
+                         down_block_n=256, up_stages=4, down_stages=4),
+    # the down GEMM persistent
+    "persistent_down": dict(half_tail=True, split_n=True, one_dot=True, up_block_n=128, down_block_n=256,
+                            up_stages=4, down_stages=4, persistent_down=True),
     "swap_t64": dict(swap_ab=True, block_m=64, up_block_n=128, up_warps=4, down_block_n=128, down_warps=4),
     "swap_t32": dict(swap_ab=True, block_m=32, up_block_n=128, up_block_k=128, up_warps=4, down_block_n=128,
                      down_block_k=128, down_warps=4),
@@ -97,7 +103,34 @@ def test_one_dot_is_bit_identical_to_two_dots(M, N, fields):
     assert not torch.equal(other, one)  # the comparison sees the routing
 
 
-@pytest.mark.parametrize("variant", ["pointer", "swap_t64"])
+SHIPPED_LIKE = dict(block_m=128, up_block_n=128, down_block_n=256, up_stages=4, down_stages=4, split_n=True,
+                    one_dot=True)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(SHIPPED_LIKE, half_tail=True, persistent_down=True),
+    dict(SHIPPED_LIKE, down_stages=3, persistent_down=True),
+    dict(block_m=64, up_block_n=64, down_block_n=128, up_warps=4, down_warps=4, persistent_down=True),
+])
+@pytest.mark.parametrize("M, N", [(2048, 704), (4099, 704), (777, 352)])
+def test_persistent_down_is_bit_identical(M, N, fields):
+    """The down GEMM as one program per SM looping over the tiles (tile loop flattened into the K loop) gives the
+    bits of one program per tile, half-tail tiles (at full height there) and filtered experts included."""
+    from sglang_gemma4_opt.kernels import moe_grouped as mg
+
+    x, w13, w2, w, ids = _inputs(M, N, seed=M * 3 + N)
+    ids[5, 1] = -1
+    base = {k: v for k, v in fields.items() if k != "persistent_down"}
+    expect = mg.fused_moe_grouped(x, w13, w2, w, ids, "gelu", params=mg.GroupedParams(**base))
+    got = mg.fused_moe_grouped(x, w13, w2, w, ids, "gelu", params=mg.GroupedParams(**fields))
+    assert torch.isfinite(got).all()
+    assert torch.equal(got, expect)
+    other = mg.fused_moe_grouped(x, w13, w2, w, ids.roll(1, dims=0).contiguous(), "gelu",
+                                 params=mg.GroupedParams(**fields))
+    assert not torch.equal(other, got)
+
+
+@pytest.mark.parametrize("variant", ["pointer", "swap_t64", "persistent_down"])
 def test_cuda_graph_replay_follows_new_routing(variant):
     from sglang_gemma4_opt.kernels import moe_grouped as mg
 
