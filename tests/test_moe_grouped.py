@@ -166,7 +166,8 @@ def test_split_tiles_match_reference_and_sglangs_rounding(M, E, N, K, topk, act,
     dict(split_n=True, up_block_n=16), dict(half_tail=True, swap_ab=True), dict(half_tail=True, a_tma=True),
     dict(half_tail=True, block_m=16), dict(half_tail=True, split_m=True), dict(one_dot=True, swap_ab=True),
     dict(one_dot=True, up_block_n=256), dict(persistent_down=True, swap_ab=True),
-    dict(persistent_down=True, split_m=True), dict(quarter_tail=True), dict(quarter_tail=True, half_tail=True, block_m=32),
+    dict(persistent_down=True, split_m=True), dict(quarter_tail=True),
+    dict(quarter_tail=True, half_tail=True, block_m=32),
 ])
 def test_split_params_refuse_what_the_kernels_cannot_do(fields):
     with pytest.raises(ValueError):
