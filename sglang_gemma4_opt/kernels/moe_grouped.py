@@ -31,10 +31,10 @@ runs the down GEMM as one program per SM with the tile loop flattened into the K
 tl.range(flatten=True)), tails at full height; the top-k sum is a streaming Triton kernel (torch's reads cache3
 at ~1.8 TB/s on an H200).
 
-Session 14 (H200, tuner side by side, `diagnostics/tune_moe_grouped-quarter_tail-*`, `...-fused_sum-persistent_down-*`):
-quarter_tail 626 vs 633 us at M=2048 and 1033 vs 1011 at 4096, persistent_down 598 vs 597 and 995 vs 978 (persistent_down
-bit-identical to the shipped down kernel, quarter_tail within the fp32-reference tolerance, both GPU-tested): kept
-as tuner candidates, not shipped. Rejected and removed: the top-k
+Session 14 (H200, tuner side by side, `diagnostics/tune_moe_grouped-quarter_tail-*`,
+`...-fused_sum-persistent_down-*`): quarter_tail 626 vs 633 us at M=2048 and 1033 vs 1011 at 4096, persistent_down
+598 vs 597 and 995 vs 978 (persistent_down bit-identical to the shipped down kernel, quarter_tail within the
+fp32-reference tolerance, both GPU-tested): kept as tuner candidates, not shipped. Rejected and removed: the top-k
 sum fused into the down kernel's epilogue (per-(token, column tile) arrival counters, acq_rel atomics after a CTA
 barrier, the last arriver summing the TOPK cache3 rows in k order: the same bits, GPU-tested, but 667 vs 597 us at
 M=2048 and 1089 vs 978 at 4096, 702 / 1098 persistent: the epilogue's dependent L2 round trips are not overlapped
@@ -579,14 +579,10 @@ def _sglang_align():
 
 
 @functools.lru_cache(maxsize=None)
-def _num_sms_of(device_type: str, index) -> int:
-    if device_type != "cuda":
-        return 4  # the interpreter (CPU tests): a few programs, each looping over several tiles
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _num_sms(device: torch.device) -> int:
-    return _num_sms_of(device.type, device.index if device.index is not None else 0)
+    if device.type != "cuda":
+        return 4  # the interpreter (CPU tests): a few programs, each looping over several tiles
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _desc(t: torch.Tensor, block):
