@@ -10,6 +10,9 @@
 #   bash ci/gpu-run.sh e2e-full [ARGS] # whole model, every optimisation isolated (issues 3, 4, 6): modes
 #                                     # off on no-attn on-pr-moe pr at bs 1 16 64 x 1024, then no-attn on at
 #                                     # bs 1 x 8192; ARGS go to both bench-e2e runs. Sized for one 10-minute call.
+#   bash ci/gpu-run.sh moe-retune [ARGS] # re-tune the prefill MoE table (configs/moe_grouped.json) on this GPU:
+#                                     # the shapes it ships now and every one_dot form; the new table comes back
+#                                     # as $OUT/moe_grouped.json (ARGS go to tune_moe_grouped). One N per call.
 #   bash ci/gpu-run.sh all            # tests, kernels, e2e
 #   bash ci/gpu-run.sh kernels,tests  # several modes in one call, in that order
 #
@@ -117,6 +120,37 @@ run_e2e_full() {
   pack && rm -rf "$logs"
 }
 
+# Issue 4's re-tune of the expert-grouped prefill MoE (tune_moe_grouped, CUDA-graph replay side by side with sglang's
+# path): by default N=704 at the table's sizes, the candidates this GPU's table ships now (@shipped) and every one_dot
+# form (*_od*), the timing of session 14's H200 runs. ~19 candidates x 4 sizes + the best 4 at 65536: about 6 of
+# the 10 minutes a call may run, so one N per call (RETUNE_NS=352 for the next). --write-table rewrites the
+# installed copy of the table; it is copied to $OUT to be committed, then `kernels --suite fused_moe` measures it.
+# RETUNE_NS, RETUNE_MS, RETUNE_CANDIDATES (split on blanks, never globbed) and RETUNE_TIMEOUT override.
+run_moe_retune() {
+  local -a ns ms cands
+  local table before
+  # the table the tuner will rewrite (the package python imports here: the checkout or an installed copy)
+  if ! table=$(python3 -c "from sglang_gemma4_opt.kernels.moe_grouped import TABLE_PATH; print(TABLE_PATH)"); then
+    echo "=== moe retune: cannot import the plugin"
+    [ $status -eq 0 ] && status=1
+    return 0
+  fi
+  before=$(mktemp)
+  cp "$table" "$before" 2>/dev/null || echo '{}' > "$before"
+  read -r -a ns <<< "${RETUNE_NS:-704}"
+  read -r -a ms <<< "${RETUNE_MS:-2048 4096 8192 16384 65536}"
+  read -r -a cands <<< "${RETUNE_CANDIDATES:-@shipped *_od*}"
+  step "moe retune" "${RETUNE_TIMEOUT:-570}" python3 -u -m sglang_gemma4_opt.bench.tune_moe_grouped --out "$OUT" \
+    --ns "${ns[@]}" --ms "${ms[@]}" --candidates "${cands[@]}" --no-pieces --rounds 3 --budget 0.2 --preheat 0.6 \
+    --write-table "$@"
+  if cmp -s "$table" "$before"; then
+    echo "=== moe retune: the table is unchanged"
+  else
+    cp "$table" "$OUT/moe_grouped.json" && echo "=== moe retune: the new table is $OUT/moe_grouped.json"
+  fi
+  rm -f "$before"
+}
+
 for m in ${mode//,/ }; do
   case "$m" in
     smoke)
@@ -137,13 +171,15 @@ for m in ${mode//,/ }; do
     kernels) run_kernels "$@" ;;
     e2e) run_e2e "$@" ;;
     e2e-full) run_e2e_full "$@" ;;
+    moe-retune) run_moe_retune "$@" ;;
     all)
       run_tests
       run_kernels
       run_e2e
       ;;
     *)
-      echo "usage: $0 {smoke|tests|kernels|e2e|e2e-full|all}[,MODE...] [args for bench / bench-e2e]" >&2
+      echo "usage: $0 {smoke|tests|kernels|e2e|e2e-full|moe-retune|all}[,MODE...] [args for bench / bench-e2e /" \
+        "tune_moe_grouped]" >&2
       exit 2
       ;;
   esac

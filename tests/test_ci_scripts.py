@@ -58,3 +58,46 @@ def test_run_tests_installs_runs_and_drops_venvs(tmp_path, entry, env, dropped):
                      " ".join([f"{ROOT / 'tests'} :: -m pytest -q -p no:cacheprovider", *extra, "."])] * 2
     assert all(v.exists() != dropped for v in venvs)
     assert r.stdout.count("venv removed") == (2 if dropped else 0)
+
+
+
+FIXED = "--no-pieces --rounds 3 --budget 0.2 --preheat 0.6 --write-table"
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("env, extra, want, changed", [
+    ({}, "--budget 0.1", f"--ns 704 --ms 2048 4096 8192 16384 65536 --candidates @shipped *_od* {FIXED} --budget 0.1",
+     True),
+    ({"RETUNE_NS": "352", "RETUNE_MS": "2048 4096", "RETUNE_CANDIDATES": "*_od *_pd"}, "",
+     f"--ns 352 --ms 2048 4096 --candidates *_od *_pd {FIXED}", False)])
+def test_moe_retune_runs_the_tuner_and_returns_a_changed_table(tmp_path, env, extra, want, changed):
+    """ci/gpu-run.sh moe-retune: the tuner's command line (patterns reach it unglobbed, even with a file in the
+    working directory that matches one; the script's arguments last, so they win), and the rewritten table is
+    copied to $OUT only when the tuner changed it."""
+    if not (ROOT / "ci/gpu-run.sh").exists():
+        pytest.skip("no ci/gpu-run.sh next to the tests (installed copy)")
+    work, out, bin_ = tmp_path / "work", tmp_path / "out", tmp_path / "bin"
+    for d in (work, out, bin_):
+        d.mkdir()
+    (work / "x_od_y").touch()  # *_od* would expand to it if the script let the shell glob the patterns
+    installed = tmp_path / "installed.json"  # the table the tuner's --write-table rewrites
+    installed.write_text("{}\n")
+    calls = tmp_path / "calls.log"
+    # python3: answers the TABLE_PATH query with that table; as the tuner, records its arguments and (changed)
+    # rewrites the table
+    rewrite = f"echo '{{\"GPU\": {{}}}}' > {installed}" if changed else ":"
+    py = bin_ / "python3"
+    py.write_text(f'#!/bin/bash\nif [ "$1" = -c ]; then echo {installed}; else echo "$*" >> {calls}; {rewrite}; fi\n')
+    py.chmod(0o755)
+    script = (f"eval \"$(sed -n '/^run_moe_retune() {{/,/^}}/p' {ROOT / 'ci/gpu-run.sh'})\"; "
+              f"step() {{ shift 2; \"$@\"; }}; PATH={bin_}:/usr/bin:/bin; OUT={out}; run_moe_retune {extra}")
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, cwd=work,
+                       env={"PATH": "/usr/bin:/bin", **env})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert calls.read_text().split() == \
+        f"-u -m sglang_gemma4_opt.bench.tune_moe_grouped --out {out} {want}".split()
+    assert (out / "moe_grouped.json").exists() == changed
+    if changed:
+        assert (out / "moe_grouped.json").read_text() == installed.read_text() == '{"GPU": {}}\n'
+    assert ("unchanged" in r.stdout) != changed
+    assert sorted(p.name for p in out.iterdir()) == (["moe_grouped.json"] if changed else [])

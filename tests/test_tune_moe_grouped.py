@@ -1,5 +1,7 @@
 """The grouped-MoE tuner's table rule and its candidate list (CPU; the sweep itself runs on a GPU)."""
 
+import json
+
 import pytest
 import torch
 
@@ -48,8 +50,6 @@ def test_table_file_round_trip(tmp_path):
     rows = [_row(704, 2048, 1.1), _row(704, 4096, 1.2)]
     for r in rows:
         r["params"] = kg.GroupedParams(**tg.CANDIDATES["bm128_u128x64w8s3_d256x64w8s3"]).as_dict()
-    import json
-
     f = tmp_path / "t.json"
     f.write_text(json.dumps({"GPU X": tg.table_from(rows)}))
     t = kg.load_table(str(f))
@@ -72,3 +72,29 @@ def test_candidate_patterns_pick_by_name():
     assert set(both) == set(od) | {n for n in tg.CANDIDATES if n.startswith("swap_")}
     with pytest.raises(SystemExit):
         tg.selected(["no_such_candidate"])
+
+
+def test_shipped_pattern_names_what_the_table_ships(tmp_path):
+    # the committed table: every shipped launch shape is a candidate (else a re-tune with @shipped could not keep
+    # it), and @shipped selects exactly those, for each GPU the table names
+    from sglang_gemma4_opt.kernels import moe_grouped as kg
+
+    table = json.loads(kg.TABLE_PATH.read_text())
+    assert table
+    params = {n: kg.GroupedParams(**c) for n, c in tg.CANDIDATES.items()}
+    assert len(set(params.values())) == len(params)  # no two names for one shape
+    for gpu, shapes in table.items():
+        names = tg.shipped_names(table, gpu)
+        want = {kg.GroupedParams(**f) for e in shapes.values() for f in e["by_m"].values()}
+        assert {params[n] for n in names} == want
+        assert tg.selected([tg.SHIPPED], names) == names
+        od = tg.selected(["*_od"])
+        assert set(tg.selected([tg.SHIPPED, "*_od"], names)) == set(names) | set(od)
+    assert tg.shipped_names(table, "GPU not in the table") == []
+    with pytest.raises(SystemExit):  # @shipped with nothing shipped selects nothing
+        tg.selected([tg.SHIPPED], [])
+    # a shipped shape that is no candidate is refused, not silently dropped
+    odd = dict(tg.CANDIDATES["bm128_u128x64w8s3_d256x64w8s3"], up_stages=7)
+    bad = {"GPU X": {tg.shape_key(128, 704, 2816, 8): {"min_m": 2048, "by_m": {"2048": odd}}}}
+    with pytest.raises(SystemExit, match="no candidate"):
+        tg.shipped_names(bad, "GPU X")

@@ -6,7 +6,7 @@ tables the plugin serves), side by side in one process, CUDA-graph replay, fresh
 captured call; checks each candidate's output against sglang's on the same inputs; then times the best
 candidate against sglang with skewed routing (a few experts take most tokens, as real routers do).
 Above 16384 tokens only the previous size's four best candidates are timed (memory: one captured call
-there holds ~4 GB of intermediates).
+there holds ~4 GB of intermediates), and with `--candidates @shipped` the shapes the table ships now.
 
 An M joins the table when the grouped path is >= 3% faster with random routing and <= 2% slower with
 skewed routing; the table's min_m is the smallest tuned M from which every larger tuned M joins (the
@@ -15,6 +15,7 @@ for scale, cuBLAS on dense operands of the same FLOPs, sglang's align and torch'
 table the plugin ships (`configs/moe_grouped.json` format), for `--write-table` or by hand.
 
     python -m sglang_gemma4_opt.bench.tune_moe_grouped --out DIR [--ns 704 352] [--ms 1024 2048 ...] [--write-table]
+        [--candidates PATTERN ...]   (e.g. @shipped '*_od*': the shapes shipped now and every one_dot form)
 """
 
 from __future__ import annotations
@@ -111,11 +112,32 @@ CANDIDATES.update({
                  "bm128_u128x64w8s4_d256x64w8s4_g16_ht_sn_od")
 })
 
-def selected(patterns=None):
-    """The candidates whose names match any of the shell-style patterns (all of them without patterns)."""
+SHIPPED = "@shipped"  # a --candidates pattern: the candidates this GPU's table ships now (any shape, any M)
+
+
+def shipped_names(table: dict, gpu: str) -> list:
+    """Names of the candidates whose launch shapes `table` (configs/moe_grouped.json's format) ships for `gpu`,
+    in CANDIDATES order; a shipped shape that no candidate spells is refused (a re-tune could not keep it)."""
+    from ..kernels.moe_grouped import GroupedParams
+
+    by_params = {GroupedParams(**c): n for n, c in CANDIDATES.items()}
+    names = set()
+    for key, entry in table.get(gpu, {}).items():
+        for m, fields in entry["by_m"].items():
+            name = by_params.get(GroupedParams(**fields))
+            if name is None:
+                raise SystemExit(f"{gpu} {key} M={m}: the shipped launch shape is no candidate: {fields}")
+            names.add(name)
+    return [n for n in CANDIDATES if n in names]
+
+
+def selected(patterns=None, shipped=()):
+    """The candidates whose names match any of the shell-style patterns (all of them without patterns); the
+    pattern @shipped stands for the names in `shipped` (see shipped_names)."""
     if not patterns:
         return list(CANDIDATES)
-    names = [n for n in CANDIDATES if any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+    names = [n for n in CANDIDATES
+             if any(n in shipped if pat == SHIPPED else fnmatch.fnmatchcase(n, pat) for pat in patterns)]
     if not names:
         raise SystemExit(f"no candidate matches {patterns}; candidates: {sorted(CANDIDATES)}")
     return names
@@ -147,11 +169,17 @@ def tune_shape(N, ms, args, log):
     impl = stock_impl()
     w = Weights(N=N)
     rows = []
-    names = selected(args.candidates)
+    shipped = ()
+    if args.candidates and SHIPPED in args.candidates:
+        shipped = shipped_names(json.loads(kg.TABLE_PATH.read_text()) if kg.TABLE_PATH.exists() else {},
+                                torch.cuda.get_device_name())
+        log(f"{SHIPPED}: {shipped or 'none (no table entry for this GPU)'}")
+    names = selected(args.candidates, shipped)
     for M in sorted(ms):
         if M > FULL_SWEEP_MAX_M and rows:
             prev = rows[-1]["candidates_us"]
             names = sorted(prev, key=prev.get)[:KEEP]
+            names += [n for n in shipped if n not in names]  # what ships is always in the comparison
         calls = calls_for(M)
         x0 = torch.randn(M, K, device="cuda", dtype=torch.bfloat16)
         w0, ids0 = random_routing(M)
@@ -263,7 +291,7 @@ def main(argv=None) -> int:
                          "(0: off)")
     ap.add_argument("--candidates", nargs="+", metavar="PATTERN",
                     help="time only the candidates whose names match one of these shell-style patterns "
-                         "(e.g. 'bm128_*_ht_sn*'); default: all")
+                         f"(e.g. 'bm128_*_ht_sn*'; {SHIPPED}: those this GPU's table ships now); default: all")
     ap.add_argument("--no-pieces", dest="pieces", action="store_false",
                     help="skip the cuBLAS / align / torch-sum reference timings")
     ap.add_argument("--write-table", action="store_true", help="merge this GPU's table into configs/moe_grouped.json")
