@@ -34,7 +34,11 @@ at ~1.8 TB/s on an H200).
 Session 14 (H200, tuner side by side, `diagnostics/tune_moe_grouped-quarter_tail-*`,
 `...-fused_sum-persistent_down-*`): quarter_tail 626 vs 633 us at M=2048 and 1033 vs 1011 at 4096, persistent_down
 598 vs 597 and 995 vs 978 (persistent_down bit-identical to the shipped down kernel, quarter_tail within the
-fp32-reference tolerance, both GPU-tested): kept as tuner candidates, not shipped. Rejected and removed: the top-k
+fp32-reference tolerance, both GPU-tested): kept as tuner candidates. Session 15's re-tune (`ci/gpu-run.sh moe-retune`,
+`diagnostics/tune_moe_grouped-retune-*`) ships persistent_down for N=352 (TP=2) at M >= 4096 on the H200, where the down
+K loop is only 352 / 64 = 6 steps and the flattened loop hides the epilogue: 3-6% off the whole MoE there (suite: 620
+-> 581 us at M=4096, 1093 -> 1033 at 8192, 2067 -> 1962 at 16384); at N=704 the shipped forms stay within 0.3% of the
+best at M 2048-8192. Rejected and removed: the top-k
 sum fused into the down kernel's epilogue (per-(token, column tile) arrival counters, acq_rel atomics after a CTA
 barrier, the last arriver summing the TOPK cache3 rows in k order: the same bits, GPU-tested, but 667 vs 597 us at
 M=2048 and 1089 vs 978 at 4096, 702 / 1098 persistent: the epilogue's dependent L2 round trips are not overlapped
