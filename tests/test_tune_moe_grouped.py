@@ -98,3 +98,29 @@ def test_shipped_pattern_names_what_the_table_ships(tmp_path):
     bad = {"GPU X": {tg.shape_key(128, 704, 2816, 8): {"min_m": 2048, "by_m": {"2048": odd}}}}
     with pytest.raises(SystemExit, match="no candidate"):
         tg.shipped_names(bad, "GPU X")
+
+
+def test_write_table_merges_a_partial_retune():
+    """--write-table: a re-tune of some sizes replaces those and leaves the shape's other sizes (and other shapes)
+    as they were; a tuned size that no longer wins cuts the entry there (every M >= min_m goes to the grouped path)."""
+    key7, key3 = tg.shape_key(128, 704, 2816, 8), tg.shape_key(128, 352, 2816, 8)
+
+    def current():
+        return {key7: {"min_m": 2048, "by_m": {str(m): {"tag": f"old{m}"} for m in (2048, 4096, 8192, 65536)}},
+                key3: {"min_m": 4096, "by_m": {"4096": {"tag": "old3"}}}}
+
+    got = tg.merge_into(current(), [_row(704, 4096, 1.2, name="new"), _row(704, 16384, 1.2, name="new")])
+    assert got[key3] == current()[key3]
+    assert got[key7]["min_m"] == 2048
+    assert {m: p["tag"] for m, p in got[key7]["by_m"].items()} == {
+        "2048": "old2048", "4096": "new4096", "8192": "old8192", "16384": "new16384", "65536": "old65536"}
+    assert list(got[key7]["by_m"]) == ["2048", "4096", "8192", "16384", "65536"]  # sorted by M
+    # 8192 re-tuned and losing: the sizes below it leave the table with it
+    got = tg.merge_into(current(), [_row(704, 8192, 1.0)])
+    assert got[key7] == {"min_m": 65536, "by_m": {"65536": {"tag": "old65536"}}}
+    # the largest size losing (skewed routing): no entry for that shape
+    got = tg.merge_into(current(), [_row(704, 65536, 1.3, skew=0.9)])
+    assert key7 not in got and key3 in got
+    # every size re-tuned: the same as a table from the rows alone
+    rows = [_row(704, m, 1.1, name="x") for m in (2048, 4096, 8192, 65536)] + [_row(352, 4096, 1.01)]
+    assert tg.merge_into(current(), rows) == tg.table_from(rows)

@@ -261,21 +261,36 @@ def tune_shape(N, ms, args, log):
     return rows
 
 
+def _joins(row, min_gain=MIN_GAIN, max_loss=MAX_LOSS) -> bool:
+    return row["speedup"] >= 1 + min_gain and row["skew_speedup"] >= 1 - max_loss
+
+
+def merge_into(mine: dict, rows, min_gain=MIN_GAIN, max_loss=MAX_LOSS) -> dict:
+    """Merge tuned rows into one GPU's table `mine` ({shape key: {"min_m", "by_m"}}, changed in place and
+    returned). Per shape tuned now: each tuned M takes its new result (in the entry when the grouped path is at
+    least `min_gain` faster with random routing and at most `max_loss` slower with skewed routing, out when not);
+    an M not tuned now keeps what the entry had (a re-tune of a few sizes leaves the others alone); the entry
+    then holds the sizes from the smallest M on which every larger size is in (the hook sends every M >= min_m
+    to the nearest entry), and no entry when the largest size is out."""
+    for N in sorted({r["N"] for r in rows}, reverse=True):
+        key = shape_key(E, N, K, TOPK)
+        tuned = {r["M"]: r for r in rows if r["N"] == N}
+        kept = {int(m): p for m, p in mine.get(key, {}).get("by_m", {}).items() if int(m) not in tuned}
+        by_m = {}
+        for m in sorted(set(kept) | set(tuned), reverse=True):
+            if m in tuned and not _joins(tuned[m], min_gain, max_loss):
+                break
+            by_m[m] = tuned[m]["params"] if m in tuned else kept[m]
+        mine.pop(key, None)
+        if by_m:
+            mine[key] = {"min_m": min(by_m), "by_m": {str(m): by_m[m] for m in sorted(by_m)}}
+    return mine
+
+
 def table_from(rows, min_gain=MIN_GAIN, max_loss=MAX_LOSS):
     """{shape key: {"min_m": m, "by_m": {M: params}}}: the tuned sizes from the smallest M on which every
     larger tuned M is at least `min_gain` faster (random routing) and at most `max_loss` slower (skewed)."""
-    table = {}
-    for N in sorted({r["N"] for r in rows}, reverse=True):
-        rs = sorted((r for r in rows if r["N"] == N), key=lambda r: r["M"], reverse=True)
-        by_m = {}
-        for r in rs:
-            if r["speedup"] < 1 + min_gain or r["skew_speedup"] < 1 - max_loss:
-                break
-            by_m[str(r["M"])] = r["params"]
-        if by_m:
-            table[shape_key(E, N, K, TOPK)] = {"min_m": min(int(m) for m in by_m),
-                                               "by_m": dict(sorted(by_m.items(), key=lambda kv: int(kv[0])))}
-    return table
+    return merge_into({}, rows, min_gain, max_loss)
 
 
 def main(argv=None) -> int:
@@ -324,10 +339,7 @@ def main(argv=None) -> int:
         from ..kernels.moe_grouped import TABLE_PATH
 
         cur = json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {}
-        mine = cur.setdefault(gpu, {})
-        for N in args.ns:  # the shapes tuned now replace their entries (or drop them when nothing won)
-            mine.pop(shape_key(E, N, K, TOPK), None)
-        mine.update(table)
+        mine = merge_into(cur.setdefault(gpu, {}), rows)  # the sizes tuned now; the others as they were
         if not mine:
             del cur[gpu]
         TABLE_PATH.write_text(json.dumps(cur, indent=1, sort_keys=True) + "\n")
