@@ -124,9 +124,9 @@ run_e2e_full() {
 # path): by default N=704 at the table's sizes, the candidates this GPU's table ships now (@shipped) and every one_dot
 # form (*_od*), the timing of session 14's H200 runs. On an H200 (15 candidates x 4 sizes, the best 4 and the
 # shipped ones at 65536) the tuner took 217 s for N=704 and 227 s for N=352 of the 10 minutes a call may run: one N
-# per call (RETUNE_NS=352 for the next). --write-table rewrites the
-# installed copy of the table (the sizes tuned now; RETUNE_MS="16384 65536" leaves the others as they were); it is
-# copied to $OUT to be committed, then `kernels --suite fused_moe` measures it.
+# per call (RETUNE_NS=352 for the next). --write-table rewrites the table python imports (the sizes tuned now;
+# RETUNE_MS="16384 65536" leaves the others as they were); it is copied to $OUT to be committed, then
+# `kernels --suite fused_moe` measures it.
 # RETUNE_NS, RETUNE_MS, RETUNE_CANDIDATES (split on blanks, never globbed) and RETUNE_TIMEOUT override.
 run_moe_retune() {
   local -a ns ms cands

@@ -60,7 +60,6 @@ def test_run_tests_installs_runs_and_drops_venvs(tmp_path, entry, env, dropped):
     assert r.stdout.count("venv removed") == (2 if dropped else 0)
 
 
-
 FIXED = "--no-pieces --rounds 3 --budget 0.2 --preheat 0.6 --write-table"
 
 

@@ -74,11 +74,9 @@ def test_candidate_patterns_pick_by_name():
         tg.selected(["no_such_candidate"])
 
 
-def test_shipped_pattern_names_what_the_table_ships(tmp_path):
+def test_shipped_pattern_names_what_the_table_ships():
     # the committed table: every shipped launch shape is a candidate (else a re-tune with @shipped could not keep
     # it), and @shipped selects exactly those, for each GPU the table names
-    from sglang_gemma4_opt.kernels import moe_grouped as kg
-
     table = json.loads(kg.TABLE_PATH.read_text())
     assert table
     params = {n: kg.GroupedParams(**c) for n, c in tg.CANDIDATES.items()}
@@ -124,3 +122,36 @@ def test_write_table_merges_a_partial_retune():
     # every size re-tuned: the same as a table from the rows alone
     rows = [_row(704, m, 1.1, name="x") for m in (2048, 4096, 8192, 65536)] + [_row(352, 4096, 1.01)]
     assert tg.merge_into(current(), rows) == tg.table_from(rows)
+
+
+def test_main_reads_shipped_once_and_merges_the_table(tmp_path, monkeypatch):
+    """main() without a GPU (the sweep faked): @shipped is read from the table before any shape is tuned and handed
+    to every shape's sweep; --write-table merges the new rows by size into that table."""
+    from sglang_gemma4_opt import core
+    from sglang_gemma4_opt.bench import common
+
+    gpu = "NVIDIA H200"
+    table_file = tmp_path / "moe_grouped.json"
+    table_file.write_text(kg.TABLE_PATH.read_text())
+    before = json.loads(table_file.read_text())
+    monkeypatch.setattr(kg, "TABLE_PATH", table_file)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: gpu)
+    monkeypatch.setattr(core, "apply", lambda *a, **k: None)
+    monkeypatch.setattr(common, "ensure_server_args", lambda *a, **k: None)
+    seen = []
+    new = kg.GroupedParams(**tg.CANDIDATES["bm128_u128x64w8s3_d256x64w8s3_ht_sn_od_pd"]).as_dict()
+
+    def fake_sweep(N, ms, args, log, shipped=()):
+        seen.append((N, list(shipped)))
+        return [dict(_row(N, 16384, 1.2), params=new)]
+
+    monkeypatch.setattr(tg, "tune_shape", fake_sweep)
+    assert tg.main(["--out", str(tmp_path / "out"), "--ns", "704", "352", "--ms", "16384",
+                    "--candidates", tg.SHIPPED, "*_od", "--write-table"]) == 0
+    shipped = tg.shipped_names(before, gpu)
+    assert seen == [(704, shipped), (352, shipped)]
+    after = json.loads(table_file.read_text())
+    for key in (tg.shape_key(128, 704, 2816, 8), tg.shape_key(128, 352, 2816, 8)):
+        want = dict(before[gpu][key]["by_m"], **{"16384": new})
+        assert after[gpu][key]["by_m"] == want
+    assert {g: v for g, v in after.items() if g != gpu} == {g: v for g, v in before.items() if g != gpu}

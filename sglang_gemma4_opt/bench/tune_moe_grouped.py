@@ -159,7 +159,7 @@ def calls_for(M):
     return 4 if M <= 4096 else 2 if M <= FULL_SWEEP_MAX_M else 1
 
 
-def tune_shape(N, ms, args, log):
+def tune_shape(N, ms, args, log, shipped=()):
     import torch
 
     from ..kernels import moe_grouped as kg
@@ -169,11 +169,6 @@ def tune_shape(N, ms, args, log):
     impl = stock_impl()
     w = Weights(N=N)
     rows = []
-    shipped = ()
-    if args.candidates and SHIPPED in args.candidates:
-        shipped = shipped_names(json.loads(kg.TABLE_PATH.read_text()) if kg.TABLE_PATH.exists() else {},
-                                torch.cuda.get_device_name())
-        log(f"{SHIPPED}: {shipped or 'none (no table entry for this GPU)'}")
     names = selected(args.candidates, shipped)
     for M in sorted(ms):
         if M > FULL_SWEEP_MAX_M and rows:
@@ -315,6 +310,7 @@ def main(argv=None) -> int:
     import torch
 
     from .. import core
+    from ..kernels.moe_grouped import TABLE_PATH
 
     common.ensure_server_args()
     core.apply()  # the plugin's MoE tables serve sglang's lookup, as in a server with the plugin
@@ -328,16 +324,18 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"tune_moe_grouped-{common.slug(gpu)}.json"
+    shipped = ()
+    if args.candidates and SHIPPED in args.candidates:  # read once, before --write-table rewrites the table
+        shipped = shipped_names(json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {}, gpu)
+        log(f"{SHIPPED}: {shipped or 'none (no table entry for this GPU)'}")
     for N in args.ns:
-        rows += tune_shape(N, args.ms, args, log)
+        rows += tune_shape(N, args.ms, args, log, shipped)
         table = table_from(rows)
         doc = {"header": dict(common.env_header(sys.argv), gpu=gpu, seconds=time.time() - t0, min_gain=MIN_GAIN,
                               max_loss_skewed=MAX_LOSS), "rows": rows, "table": {gpu: table}}
         common.write_json_atomic(path, doc)  # after every shape: an interrupted run keeps what it measured
     log(f"wrote {path}; table {json.dumps(table)}")
     if args.write_table:
-        from ..kernels.moe_grouped import TABLE_PATH
-
         cur = json.loads(TABLE_PATH.read_text()) if TABLE_PATH.exists() else {}
         mine = merge_into(cur.setdefault(gpu, {}), rows)  # the sizes tuned now; the others as they were
         if not mine:
