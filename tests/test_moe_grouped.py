@@ -167,7 +167,7 @@ def test_split_tiles_match_reference_and_sglangs_rounding(M, E, N, K, topk, act,
     dict(half_tail=True, block_m=16), dict(half_tail=True, split_m=True), dict(one_dot=True, swap_ab=True),
     dict(one_dot=True, up_block_n=256), dict(persistent_down=True, swap_ab=True),
     dict(persistent_down=True, split_m=True), dict(quarter_tail=True),
-    dict(quarter_tail=True, half_tail=True, block_m=32), dict(pdl=True, swap_ab=True), dict(pdl=True, torch_sum=True),
+    dict(quarter_tail=True, half_tail=True, block_m=32),
 ])
 def test_split_params_refuse_what_the_kernels_cannot_do(fields):
     with pytest.raises(ValueError):
@@ -241,24 +241,6 @@ def test_unsupported_reasons(change, why):
     r = mg.unsupported_reason(**args)
     assert r is not None and why in r, r
 
-
-
-# pdl (programmatic dependent launch): griddepcontrol is sm_90+ PTX, which the interpreter cannot run; off the GPU
-# the option is dropped and the kernels launch as usual (the PDL path's bits are tested on the GPU)
-@pytest.mark.interpret
-def test_pdl_is_off_where_it_cannot_run(monkeypatch):
-    M, E, N, K, topk = 9, 5, 24, 32, 3
-    x, w1, w2, w, ids = _moe(M, E, N, K, topk, seed=8)
-    base = mg.GroupedParams(block_m=16, up_block_n=16, up_block_k=16, down_block_n=16, down_block_k=16, group_m=2)
-    assert not mg._pdl_usable(x.device)
-    launches = []
-    real = mg._pdl_launch
-    monkeypatch.setattr(mg, "_pdl_launch", lambda pdl: launches.append(pdl) or real(pdl))
-    expect = mg.fused_moe_grouped(x, w1, w2, w, ids, "gelu", params=base)
-    got = mg.fused_moe_grouped(x, w1, w2, w, ids, "gelu", params=mg.GroupedParams(**dict(base.as_dict(), pdl=True)))
-    assert launches == [False] * 6  # up, down and the sum, twice: never a programmatic launch here
-    assert torch.equal(got, expect)
-    assert real(True) == {"launch_pdl": True} and real(False) == {}
 
 
 # persistent_down (the down GEMM as a few programs looping over the tiles): the same bits as one program per tile

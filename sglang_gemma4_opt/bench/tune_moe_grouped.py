@@ -112,15 +112,6 @@ CANDIDATES.update({
                  "bm128_u128x64w8s4_d256x64w8s4_g16_ht_sn_od")
 })
 
-# session 16: the H200's shipped shapes with programmatic dependent launch between the up, down and sum kernels
-CANDIDATES.update({
-    f"{name}_pdl": dict(CANDIDATES[name], pdl=True)
-    for name in ("bm128_u128x64w8s4_d256x64w8s4_ht_sn_od", "bm128_u128x64w8s3_d256x64w8s3_sn_od",
-                 "bm128_u128x64w8s4_d256x64w8s4_g4_ht_od", "bm128_u128x64w8s4_d256x64w8s4_g16_sm_sn_od",
-                 "bm128_u128x64w8s4_d256x64w8s4_ht_sn_od_pd", "bm128_u128x64w8s3_d256x64w8s3_ht_sn_od_pd",
-                 "bm128_u128x64w8s3_d256x64w8s3_sn_od_pd")
-})
-
 SHIPPED = "@shipped"  # a --candidates pattern: the candidates this GPU's table ships now (any shape, any M)
 
 

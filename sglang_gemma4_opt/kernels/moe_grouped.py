@@ -42,7 +42,10 @@ best at M 2048-8192. Rejected and removed: the top-k
 sum fused into the down kernel's epilogue (per-(token, column tile) arrival counters, acq_rel atomics after a CTA
 barrier, the last arriver summing the TOPK cache3 rows in k order: the same bits, GPU-tested, but 667 vs 597 us at
 M=2048 and 1089 vs 978 at 4096, 702 / 1098 persistent: the epilogue's dependent L2 round trips are not overlapped
-with one 196 KB program per SM, and cost ~3x the 26 us pass they replace).
+with one 196 KB program per SM, and cost ~3x the 26 us pass they replace). Session 16: programmatic dependent launch
+between the up, down and sum kernels (launch_pdl, griddepcontrol wait / launch_dependents; commit 1aaff34, the same
+bits, GPU-tested): no gain, pdl / plain 0.975-1.025 over the seven shipped H200 shapes at M 2048-16384, mean below 1
+(`diagnostics/tune_moe_grouped-pdl-N704-NVIDIA_H200.json`): the launch latency it hides is small against 0.6-3.3 ms.
 
 Measured (H200, CUDA-graph replay; `benchmarks/results/diagnostics/tune_moe_grouped-*.json`, per-kernel
 split `moe_kernel_breakdown-*.json`): sglang's path with the plugin's tables -> grouped 731 -> 622 us at
@@ -79,7 +82,6 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .moe_small_batch import ACTIVATIONS, _act
 
@@ -124,11 +126,6 @@ class GroupedParams:
     # flattened by Triton's pipeliner (tl.range(flatten=True)) so the next tile's loads are in flight during a
     # tile's epilogue (the K loop is only N/BLOCK_K = 11 steps at N=704); tail tiles at full height
     persistent_down: bool = False
-    # pdl: programmatic dependent launch between the up, down and top-k sum kernels (Hopper's griddepcontrol):
-    # each is launched with launch_pdl and signals its dependent at its start, so the next kernel's programs are
-    # placed on the SMs the previous one's last wave frees and wait there (gdc_wait) before their first read of
-    # its output, instead of the launch starting after the whole previous grid has drained
-    pdl: bool = False
 
     def __post_init__(self):
         if (self.split_m or self.split_n or self.half_tail) and (self.swap_ab or self.a_tma):
@@ -148,21 +145,9 @@ class GroupedParams:
             raise ValueError("persistent_down applies to the plain down kernel")
         if self.persistent_down and self.split_m:
             raise ValueError("persistent_down runs whole tiles of one expert: not with split_m")
-        if self.pdl and (self.swap_ab or self.torch_sum):
-            raise ValueError("pdl applies to the plain up and down kernels and the Triton top-k sum")
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
-
-
-@triton.jit
-def _pdl_wait_then_release(PDL: tl.constexpr):
-    """pdl: wait for the previous kernel in the stream (its writes are visible after the wait), then let the next
-    one launch: all of this grid's programs have started by the time every one of them has released, so the next
-    grid's programs only take SMs this one no longer needs. Both are no-ops without a programmatic launch."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
 
 
 @triton.jit
@@ -272,15 +257,14 @@ def grouped_up_act_kernel(
     TOPK: tl.constexpr, ACT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr, STAGES: tl.constexpr, A_TMA: tl.constexpr,
     WS: tl.constexpr, SPLIT_M: tl.constexpr, SPLIT_N: tl.constexpr, HALF_TAIL: tl.constexpr,
-    ONE_DOT: tl.constexpr = False, QUARTER_TAIL: tl.constexpr = False, PDL: tl.constexpr = False,
+    ONE_DOT: tl.constexpr = False, QUARTER_TAIL: tl.constexpr = False,
 ):
     """Up projection + activation. SPLIT_M: the alignment is to BLOCK_M // 2 rows (each expert's run padded
     to half a tile); a program owns two half blocks and runs one full tile when both belong to the same
     expert, else a half tile for each (real rows only: the second may lie past the end). HALF_TAIL: a tile
     whose second half is padding (sorted id == num_valid: padding sits at the end of an expert's run) runs
     at half height; its other rows of `out` stay unwritten and the down kernel, deciding the same way, never
-    reads them. PDL: see GroupedParams.pdl (the alignment's outputs are read after the wait)."""
-    _pdl_wait_then_release(PDL)
+    reads them."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(EM, BLOCK_M)
     num_pid_n = tl.cdiv(N_HALF, BLOCK_N)
@@ -353,11 +337,10 @@ def grouped_down_kernel(
     num_valid, EM, HIDDEN, N_HALF, stride_om,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     STAGES: tl.constexpr, WS: tl.constexpr, SPLIT_M: tl.constexpr, HALF_TAIL: tl.constexpr,
-    QUARTER_TAIL: tl.constexpr = False, PDL: tl.constexpr = False,
+    QUARTER_TAIL: tl.constexpr = False,
 ):
     """Down projection; SPLIT_M, HALF_TAIL and QUARTER_TAIL as in grouped_up_act_kernel (hh_desc / hq_desc: the
-    intermediate in half / quarter blocks). PDL: the alignment's outputs (complete before the up kernel's programs
-    passed their wait, so before this grid launched) are read before the wait, the intermediate after it."""
+    intermediate in half / quarter blocks)."""
     pid = tl.program_id(0)
     num_pid_m = tl.cdiv(EM, BLOCK_M)
     num_pid_n = tl.cdiv(HIDDEN, BLOCK_N)
@@ -366,7 +349,6 @@ def grouped_down_kernel(
     row0 = pid_m * BLOCK_M
     if row0 >= npost:
         return
-    _pdl_wait_then_release(PDL)
     n0 = pid_n * BLOCK_N
     if SPLIT_M:
         HM: tl.constexpr = BLOCK_M // 2
@@ -401,15 +383,13 @@ def grouped_down_persistent_kernel(
     h_desc, w2_desc, sorted_ptr, experts_ptr, npost_ptr, wts_ptr, out_ptr,
     num_valid, HIDDEN, N_HALF, stride_om, NUM_PROGS,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    STAGES: tl.constexpr, WS: tl.constexpr, PDL: tl.constexpr = False,
+    STAGES: tl.constexpr, WS: tl.constexpr,
 ):
     """grouped_down_kernel as NUM_PROGS programs striding over the tiles of the aligned rows (the same tile
     order, so the tiles in flight at once are the same), the tile loop and its K loop flattened into one
     pipelined loop. Expert -1 (EP-filtered) runs expert 0's weights and stores zeros; every tile at full
-    height (rows past a half-tail tile's real rows are padding: their products are never stored). PDL as in
-    grouped_down_kernel."""
+    height (rows past a half-tail tile's real rows are padding: their products are never stored)."""
     npost = tl.load(npost_ptr)
-    _pdl_wait_then_release(PDL)
     num_pid_m = tl.cdiv(npost, BLOCK_M)
     num_pid_n = tl.cdiv(HIDDEN, BLOCK_N)
     k_tiles = tl.cdiv(N_HALF, BLOCK_K)
@@ -517,14 +497,10 @@ def grouped_down_swap_kernel(
 
 @triton.jit
 def topk_sum_kernel(c3_ptr, out_ptr, M, HIDDEN, stride_c3, stride_om, scale,
-                    TOPK: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr, SCALE: tl.constexpr,
-                    PDL: tl.constexpr = False):
+                    TOPK: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr, SCALE: tl.constexpr):
     """out[t] = sum_k cache3[t * TOPK + k] in fp32, rounded once to out's dtype (sglang's moe_sum), then
     optionally scaled in fp32 and rounded again (sglang applies routed_scaling_factor after the sum).
-    torch's sum reads [M, TOPK, HIDDEN] at ~1.8 TB/s on an H200; this streams each row once. PDL: launched
-    programmatically after the down kernel, cache3 read after the wait (the next kernel, not ours, launches as usual)."""
-    if PDL:
-        gdc_wait()
+    torch's sum reads [M, TOPK, HIDDEN] at ~1.8 TB/s on an H200; this streams each row once."""
     pid_t = tl.program_id(0)
     pid_h = tl.program_id(1)
     offs_h = pid_h * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -543,27 +519,15 @@ def topk_sum_kernel(c3_ptr, out_ptr, M, HIDDEN, stride_c3, stride_om, scale,
             tl.store(out_ptr + t.to(tl.int64) * stride_om + offs_h, y, mask=h_mask)
 
 
-def _pdl_launch(pdl: bool) -> dict:
-    """The launch option of a programmatic dependent launch (GroupedParams.pdl), passed only when it is on."""
-    return {"launch_pdl": True} if pdl else {}
-
-
-def _pdl_usable(device: torch.device) -> bool:
-    """griddepcontrol is sm_90+ PTX and the interpreter (CPU tests) runs no inline PTX: elsewhere pdl is off
-    (the same kernels and bits, launched as usual)."""
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
-
-
 def topk_sum(cache3: torch.Tensor, M: int, topk: int, out: torch.Tensor, routed_scaling_factor=None,
-             block_h: int = 1024, rows: int = 1, pdl: bool = False):
+             block_h: int = 1024, rows: int = 1):
     """cache3 [M * topk, H] -> out [M, H] (see topk_sum_kernel)."""
     H = cache3.shape[1]
     scale = routed_scaling_factor is not None and routed_scaling_factor != 1.0
     grid = (triton.cdiv(M, rows), triton.cdiv(H, block_h))
     topk_sum_kernel[grid](cache3, out, M, H, cache3.stride(0), out.stride(0),
                           float(routed_scaling_factor) if scale else 1.0,
-                          TOPK=topk, BLOCK_H=block_h, ROWS=rows, SCALE=scale, PDL=pdl, num_warps=4,
-                          **_pdl_launch(pdl))
+                          TOPK=topk, BLOCK_H=block_h, ROWS=rows, SCALE=scale, num_warps=4)
     return out
 
 
@@ -653,7 +617,6 @@ def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", para
     split_m = p.split_m and not p.swap_ab
     half_tail = p.half_tail and not p.swap_ab
     quarter_tail = p.quarter_tail and half_tail
-    pdl = p.pdl and _pdl_usable(x.device)
     # half-width last column tile only where it saves work: the remainder fits half a tile
     rem = n_half % p.up_block_n
     split_n = p.split_n and not p.swap_ab and 0 < rem <= p.up_block_n // 2
@@ -701,11 +664,10 @@ def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", para
             TOPK=topk, ACT=ACTIVATIONS[activation], BLOCK_M=p.block_m, BLOCK_N=p.up_block_n,
             BLOCK_K=p.up_block_k, GROUP_M=p.group_m, STAGES=p.up_stages, A_TMA=p.a_tma,
             WS=p.warp_specialize, SPLIT_M=split_m, SPLIT_N=split_n, HALF_TAIL=half_tail, ONE_DOT=p.one_dot,
-            QUARTER_TAIL=quarter_tail, PDL=pdl, num_warps=p.up_warps, **_pdl_launch(pdl),
+            QUARTER_TAIL=quarter_tail, num_warps=p.up_warps,
         )
         consts = dict(BLOCK_M=p.block_m, BLOCK_N=p.down_block_n, BLOCK_K=p.down_block_k, GROUP_M=p.group_m,
-                      STAGES=p.down_stages, WS=p.warp_specialize, PDL=pdl, num_warps=p.down_warps,
-                      **_pdl_launch(pdl))
+                      STAGES=p.down_stages, WS=p.warp_specialize, num_warps=p.down_warps)
         if p.persistent_down:
             progs = min(down_grid[0], _num_sms(x.device))
             grouped_down_persistent_kernel[(progs,)](
@@ -728,7 +690,7 @@ def fused_moe_grouped(x, w1, w2, topk_weights, topk_ids, activation="gelu", para
             s = (s.float() * routed_scaling_factor).to(x.dtype)
         y.copy_(s)
     else:
-        topk_sum(cache3, M, topk, y, routed_scaling_factor, block_h=p.sum_block_h, pdl=pdl)
+        topk_sum(cache3, M, topk, y, routed_scaling_factor, block_h=p.sum_block_h)
     if out is not None and y is not out:
         out.copy_(y)
         return out
