@@ -65,6 +65,13 @@ GHz instead of 1.98), sglang's path and this one alike, so sustained time follow
 M=2048 (`moe_ncu-*.json`, base clock): up / down tensor pipe 59% / 55% active, L2 at 84% / 83% of peak (SM-side
 sectors ~50%), DRAM ~60%; the top warp stalls are the K loop's barrier and wgmma waits (one 8-warp CTA per SM).
 Re-tuning with the clock settled picked the same shapes (`tune_moe_grouped-preheat-*.json`).
+Why the tiles cannot simply grow (session 16, arithmetic): a tile's L2 -> SM traffic per FLOP goes as 1/BLOCK_M +
+1/BLOCK_N, and 128 x 256 fp32 accumulators already take half the register file of the one 8-warp CTA an SM holds
+(256 x 128 is the same traffic; 256 x 256 does not fit; Triton's warps come in powers of two). Weight traffic is
+row tiles x each expert's weights: at M=2048 (~128 rows per expert) about half the experts run a tail tile that
+re-reads their whole weight slab for <= 64 rows, ~1.5 weight passes in all (~2.3 GB of the ~3.1 GB the two GEMMs
+move through L2). Sharing one weight tile between CTAs needs cluster TMA multicast, which Triton 3.6 does not
+expose on Hopper.
 
 Rounding mirrors sglang's: gate and up rounded to the activation dtype before the activation
 (intermediate_cache1), the activation output (cache2), each expert's weighted down row (cache3), the
