@@ -13,6 +13,7 @@
 #   bash ci/gpu-run.sh moe-retune [ARGS] # re-tune the prefill MoE table (configs/moe_grouped.json) on this GPU:
 #                                     # the shapes it ships now and every one_dot form; the new table comes back
 #                                     # as $OUT/moe_grouped.json (ARGS go to tune_moe_grouped). One N per call.
+#   bash ci/gpu-run.sh serve [ARGS]   # the serving benchmark (ARGS go to `bench-serve`); logs as serve-logs.tgz
 #   bash ci/gpu-run.sh all            # tests, kernels, e2e
 #   bash ci/gpu-run.sh kernels,tests  # several modes in one call, in that order
 #
@@ -153,6 +154,16 @@ run_moe_retune() {
   rm -f "$before"
 }
 
+# The serving benchmark (issue 25): one sglang.launch_server per mode, sglang's bench_serving against it. Server and
+# client logs travel back as one archive (few files come back from $OUT). SERVE_TIMEOUT (default 570 s) bounds it;
+# results are rewritten after every server, so a run cut short keeps the servers it finished.
+run_serve() {
+  local logs="$OUT/serve-logs"
+  mkdir -p "$logs"
+  step "bench-serve" "${SERVE_TIMEOUT:-570}" python3 -u -m sglang_gemma4_opt bench-serve --out "$OUT" --log-dir "$logs" "$@"
+  tar -C "$OUT" -czf "$OUT/serve-logs.tgz" serve-logs && rm -rf "$logs"
+}
+
 for m in ${mode//,/ }; do
   case "$m" in
     smoke)
@@ -174,14 +185,15 @@ for m in ${mode//,/ }; do
     e2e) run_e2e "$@" ;;
     e2e-full) run_e2e_full "$@" ;;
     moe-retune) run_moe_retune "$@" ;;
+    serve) run_serve "$@" ;;
     all)
       run_tests
       run_kernels
       run_e2e
       ;;
     *)
-      echo "usage: $0 {smoke|tests|kernels|e2e|e2e-full|moe-retune|all}[,MODE...] [args for bench / bench-e2e /" \
-        "tune_moe_grouped]" >&2
+      echo "usage: $0 {smoke|tests|kernels|e2e|e2e-full|moe-retune|serve|all}[,MODE...] [args for bench / bench-e2e /" \
+        "tune_moe_grouped / bench-serve]" >&2
       exit 2
       ;;
   esac

@@ -310,7 +310,7 @@ def probes(source, patched_tree, tmp_path_factory):
     return {role: json.loads((out / f"{role}.json").read_text()) for role in procs}, out
 
 
-PLUGIN_ONLY = ("unfused_routing", "extend_attention_kernel", "moe_small_batch")
+PLUGIN_ONLY = ("unfused_routing", "extend_attention_kernel", "moe_small_batch", "prefill_warmup")
 
 
 def test_stock_run_has_the_plugin_and_patched_run_does_not(probes):
@@ -358,5 +358,5 @@ def test_plugin_stands_aside_on_patched_sglang(probes):
         "extend_attention_blocks": "already upstream", "qkv_rmsnorm": "already upstream",
         "moe_configs": "already upstream"}
     assert got["unfused_routing"] == "not applicable"
-    for name in ("extend_attention_kernel", "moe_small_batch"):  # plugin-only: no fork patch has them
+    for name in ("extend_attention_kernel", "moe_small_batch", "prefill_warmup"):  # plugin-only: no fork patch has them
         assert got.get(name, "applied") == "applied", (name, got.get(name))

@@ -393,6 +393,8 @@ def generate(results_dir: Path) -> str:
             out += [" ".join(extra), ""]
         cols, rs = rows(suite, recs)
         out += [md_table(cols, rs), ""]
+    serving = serve_summary(results_dir)
+    out += (["## Serving", ""] + serving) if serving else []
     out += (["## Routing drift", ""] + drift_summary(results_dir / "routing_drift")) if drift_summary(
         results_dir / "routing_drift") else []
     out += _diagnostics(results_dir / "diagnostics")
@@ -515,10 +517,59 @@ def readme_block(results_dir: Path) -> str:
                     target_table(t), ""]
     if len(out) == 2:
         out += ["No GPU results yet.", ""]
+    out += serve_summary(results_dir)
     out += drift_summary(results_dir / "routing_drift")
     out += ["Every row, with the command that produced it: [benchmarks/README.md](benchmarks/README.md).", "",
             README_END]
     return "\n".join(out)
+
+
+SERVE_FLOOR = 0.99  # issue 25: every serving row plugin vs stock at least this (TTFT, TPOT, throughput)
+
+
+def serve_summary(results_dir: Path) -> list[str]:
+    """The serving rows (`bench-serve`, results/serve*-<GPU>.json): per mode pair and row the medians of both
+    sides and the ratios (> 1: the candidate is better), and each server's cold pass against its warm one."""
+    out = []
+    for f in sorted(results_dir.glob("serve*.json")):
+        try:
+            h, recs = load_results(f)
+        except (OSError, ValueError):
+            continue
+        if not recs or recs[0].get("suite") != "serve":
+            continue
+        r0 = recs[0]
+        out += [f"Serving on {h.get('gpu') or r0.get('gpu')} (`sglang.launch_server` per mode, sglang's `bench_serving` "
+                f"random token ids, first token counted by `meta_info.completion_tokens`; dummy 26B-A4B weights, "
+                f"triton attention, TP {r0['case'].get('tp', 1)}), sglang {r0.get('sglang')}, triton {r0.get('triton')}, "
+                f"torch {r0.get('torch')}; `results/{f.name}`, {h.get('timestamp', '?')}"
+                + (f", collected from the logs of a run cut short ({len(h.get('servers', []))} servers)"
+                   if h.get("collected_from") else "") + ". Ratios > 1: the candidate is better (latency a/b, "
+                "throughput b/a); `worst` is the lowest of the ratios the row is judged by.", ""]
+        cols = ["pair", "row", "in/out", "conc", "TTFT ms a → b", "TPOT ms a → b", "out tok/s a → b", "TTFT ×",
+                "TPOT ×", "tput ×", f"worst ≥ {SERVE_FLOOR}"]
+        rs = []
+        for r in recs:
+            c, a, b, x = r["case"], r["baseline_metrics"], r["candidate_metrics"], r["ratios"]
+            worst = r.get("worst_ratio")
+            rs.append([f"{r['baseline_mode']} → {r['candidate_mode']}", c["row"], f"{c['input_len']}/{c['output_len']}",
+                       str(c["concurrency"]), _pair_ms(a, b, "median_ttft_ms", ".1f"),
+                       _pair_ms(a, b, "median_tpot_ms", ".2f") if c["output_len"] > 1 else "-",
+                       _pair_ms(a, b, "output_throughput", ".0f") if c["output_len"] > 1 else "-",
+                       _f(x.get("ttft"), ".3f"), _f(x.get("tpot"), ".3f") if c["output_len"] > 1 else "-",
+                       _f(x.get("throughput"), ".3f") if c["output_len"] > 1 else "-",
+                       f"{worst:.3f} {'yes' if worst >= SERVE_FLOOR else '**no**'}" if worst == worst else "-"])
+        out += [md_table(cols, rs), ""]
+        cw = [(s, v["cold_vs_warm"]) for s, v in (h.get("servers_run") or {}).items()
+              if (v.get("cold_vs_warm") or {}).get("throughput_cold_over_warm")]
+        if cw:
+            out += ["Cold pass (the first load right after start) against the same load warm, output throughput: "
+                    + "; ".join(f"{s} {v['throughput_cold_over_warm']:.2f}×" for s, v in cw) + ".", ""]
+    return out
+
+
+def _pair_ms(a: dict, b: dict, key: str, spec: str) -> str:
+    return f"{_f(a.get(key), spec)} → {_f(b.get(key), spec)}"
 
 
 DRIFT_LABELS = {
@@ -656,6 +707,9 @@ def _diagnostics(d: Path) -> list[str]:
                 if isinstance(doc, dict) and doc.get("kernels") and "duration_us" in doc["kernels"][0]:
                     lines.append(_ncu_line(f.name, doc))  # ncu_summary.py
                     continue
+                if isinstance(doc, dict) and (doc.get("header") or {}).get("suite") == "serve":
+                    lines.append(_serve_line(f.name, doc["header"]))  # bench-serve run of one server or a subset
+                    continue
                 _, recs = load_results(f)
                 if not recs:
                     lines.append(f"- `{f.name}`: raw sweep data (no stock/plugin records)")
@@ -675,6 +729,25 @@ def _diagnostics(d: Path) -> list[str]:
     if not lines:
         return []
     return ["## Diagnostics", "", "Extra runs kept in `results/diagnostics/` (not in the tables above):", ""] + lines + [""]
+
+
+def _serve_line(name: str, h: dict) -> str:
+    """bench-serve diagnostics: per server its rows, cold/warm ratio, start-up and prefill kernel profile."""
+    parts = []
+    for srv, v in (h.get("servers_run") or {}).items():
+        rows = "; ".join(
+            f"{r['row']['kind']} {r['row']['input_len']}/{r['row']['output_len']} c{r['row']['concurrency']}: TTFT "
+            f"{r['metrics'].get('median_ttft_ms', float('nan')):.1f} ms"
+            + (f", TPOT {r['metrics'].get('median_tpot_ms', float('nan')):.2f} ms, "
+               f"{r['metrics'].get('output_throughput', float('nan')):.0f} tok/s" if r['row']['output_len'] > 1 else "")
+            for r in v.get("rows") or [])
+        cw = (v.get("cold_vs_warm") or {}).get("throughput_cold_over_warm")
+        prof = "; ".join(f"prefill {p['input_len']}: kernels {p['total_us'] / 1e3:.1f} ms, GPU busy "
+                         f"{p.get('forward_busy_us', float('nan')) / 1e3:.1f} of {p.get('forward_span_us', float('nan')) / 1e3:.1f} ms"
+                         for p in v.get("profiles") or [])
+        parts.append(f"{srv} (start-up {v.get('startup_s', '?')} s" + (f", cold pass {cw:.2f}× warm" if cw else "")
+                     + f"): {rows}" + (f"; {prof}" if prof else ""))
+    return f"- `{name}` (bench-serve, {h.get('timestamp', '?')}): " + " | ".join(parts)
 
 
 def _short_cmd(cmd: str) -> str:
