@@ -14,6 +14,7 @@
 #                                     # the shapes it ships now and every one_dot form; the new table comes back
 #                                     # as $OUT/moe_grouped.json (ARGS go to tune_moe_grouped). One N per call.
 #   bash ci/gpu-run.sh serve [ARGS]   # the serving benchmark (ARGS go to `bench-serve`); logs as serve-logs.tgz
+#   bash ci/gpu-run.sh numerics [ARGS] # plugin vs stock server logprobs (ARGS go to `serve-numerics`)
 #   bash ci/gpu-run.sh all            # tests, kernels, e2e
 #   bash ci/gpu-run.sh kernels,tests  # several modes in one call, in that order
 #
@@ -164,6 +165,16 @@ run_serve() {
   tar -C "$OUT" -czf "$OUT/serve-logs.tgz" serve-logs && rm -rf "$logs"
 }
 
+# Serving numerics (issue 25): stock and plugin servers, teacher-forced logprobs of the same prompts, against how far
+# stock differs from itself (sglang-gemma4-opt serve-numerics; ARGS go to it). NUMERICS_TIMEOUT (default 570 s).
+run_numerics() {
+  local logs="$OUT/numerics-logs"
+  mkdir -p "$logs"
+  step "serve-numerics" "${NUMERICS_TIMEOUT:-570}" python3 -u -m sglang_gemma4_opt serve-numerics --out "$OUT" \
+    --log-dir "$logs" "$@"
+  tar -C "$OUT" -czf "$OUT/numerics-logs.tgz" numerics-logs && rm -rf "$logs"
+}
+
 for m in ${mode//,/ }; do
   case "$m" in
     smoke)
@@ -186,13 +197,14 @@ for m in ${mode//,/ }; do
     e2e-full) run_e2e_full "$@" ;;
     moe-retune) run_moe_retune "$@" ;;
     serve) run_serve "$@" ;;
+    numerics) run_numerics "$@" ;;
     all)
       run_tests
       run_kernels
       run_e2e
       ;;
     *)
-      echo "usage: $0 {smoke|tests|kernels|e2e|e2e-full|moe-retune|serve|all}[,MODE...] [args for bench / bench-e2e /" \
+      echo "usage: $0 {smoke|tests|kernels|e2e|e2e-full|moe-retune|serve|numerics|all}[,MODE...] [args for bench / bench-e2e /" \
         "tune_moe_grouped / bench-serve]" >&2
       exit 2
       ;;

@@ -95,6 +95,8 @@ def main(argv=None) -> int:
         ("bench-e2e", "bench.e2e", "whole-model benchmark (sglang.bench_one_batch, dummy weights), plugin off/on and modes isolating each optimisation"),
         ("bench-serve", "bench.serve", "serving benchmark: sglang.launch_server + bench_serving per mode (stock, "
                                        "PR #26588, plugin; optionally MTP), TTFT/TPOT/ITL/throughput side by side"),
+        ("serve-numerics", "tools.serve_numerics", "plugin server vs stock server logprobs (teacher-forced), against "
+                                                    "how far stock differs from itself"),
         ("tune-moe", "tools.tune_moe", "tune fused-MoE configs on this GPU"),
         ("gsm8k", "tools.gsm8k", "GSM8K regression: server with and without the plugin"),
         ("routing-drift", "tools.routing_drift", "how far a routing function drifts from the unfused reference"),

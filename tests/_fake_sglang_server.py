@@ -40,7 +40,22 @@ with open(os.path.join(piddir, f"pids-{tag}"), "w") as f:
     f.write(f"{os.getpid()} {child.pid}")
 timing = cfg["timing"][mode]
 lock = threading.Lock()
-state = {"served": 0, "profiling": None}
+state = {"served": 0, "profiling": None, "in_flight": 0}
+
+
+def logprobs(ids, top_k):
+    """Teacher-forced logprobs of a prompt, a fixed function of the ids; `logprob_noise` (per switch) and, while
+    other requests are in flight, `mixed_noise` perturb them (as kernels and batch composition would)."""
+    import random
+    noise = timing.get("logprob_noise", 0.0) + (cfg.get("mixed_noise", 0.0) if state["in_flight"] > 1 else 0.0)
+    rng = random.Random(sum(ids) + len(ids) + (0 if noise == 0 else time.monotonic_ns()))
+    tok, top = [[None, ids[0], None]], [None]
+    for pos in range(1, len(ids)):
+        base = -((ids[pos - 1] * 2654435761 + pos) % 1000) / 100.0
+        cand = [(base - j - 0.5 + rng.uniform(-noise, noise), (ids[pos - 1] * 31 + j) % 1000) for j in range(top_k)]
+        top.append([[lp, i, None] for lp, i in sorted(cand, reverse=True)])
+        tok.append([base - 1.0 + rng.uniform(-noise, noise), ids[pos], None])
+    return tok, top
 
 
 class H(BaseHTTPRequestHandler):
@@ -88,6 +103,18 @@ class H(BaseHTTPRequestHandler):
             return self._send(404)
         ids = req.get("input_ids") or []
         sp = req.get("sampling_params") or {}
+        if not req.get("stream"):  # one JSON answer (teacher-forced logprobs when asked)
+            with lock:
+                state["in_flight"] += 1
+            try:
+                time.sleep(timing["prefill_s"])
+                meta = {"completion_tokens": 1, "prompt_tokens": len(ids)}
+                if req.get("return_logprob"):
+                    meta["input_token_logprobs"], meta["input_top_logprobs"] = logprobs(ids, req.get("top_logprobs_num") or 1)
+                return self._send(200, {"text": " t1", "meta_info": meta})
+            finally:
+                with lock:
+                    state["in_flight"] -= 1
         max_new = int(sp.get("max_new_tokens", 16))
         with lock:
             state["served"] += 1

@@ -310,7 +310,8 @@ def probes(source, patched_tree, tmp_path_factory):
     return {role: json.loads((out / f"{role}.json").read_text()) for role in procs}, out
 
 
-PLUGIN_ONLY = ("unfused_routing", "extend_attention_kernel", "moe_small_batch", "prefill_warmup")
+PLUGIN_ONLY = ("unfused_routing", "extend_attention_kernel", "moe_small_batch", "prefill_warmup",
+               "frozen_kv_mtp_finished_batch")
 
 
 def test_stock_run_has_the_plugin_and_patched_run_does_not(probes):

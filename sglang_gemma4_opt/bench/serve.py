@@ -5,7 +5,7 @@
     sglang-gemma4-opt bench-serve --input-lens 1024 --concurrencies 1 --profile-prefill   # quick look
 
 Per mode (`off` = stock, `pr` = PR #26588's changes alone, `on` = the plugin; the same environments as
-`bench-e2e`'s modes), one `python -m sglang.launch_server` on a Gemma4 26B-A4B folder this command writes
+`bench-e2e`'s modes; `pr` keeps the plugin's MTP crash fix `frozen_kv_mtp_finished_batch`, so `pr+mtp` can run), one `python -m sglang.launch_server` on a Gemma4 26B-A4B folder this command writes
 (real shape, `--load-format dummy`, `--attention-backend triton`), then, in this order:
 
   1. cold pass: the first requests after `/health_generate` answers (input 1024, output 256, the largest

@@ -3,9 +3,9 @@
 Each module opens with its target, why, the upstream PR and when it can be removed.
 """
 
-from . import (extend_attention_blocks, extend_attention_kernel, moe_configs, moe_small_batch, prefill_warmup,
-               qkv_rmsnorm, unfused_routing)
+from . import (extend_attention_blocks, extend_attention_kernel, frozen_kv_mtp_finished_batch, moe_configs,
+               moe_small_batch, prefill_warmup, qkv_rmsnorm, unfused_routing)
 
 PATCHES = (extend_attention_blocks, qkv_rmsnorm, moe_configs, unfused_routing, extend_attention_kernel, moe_small_batch,
-           prefill_warmup)
+           prefill_warmup, frozen_kv_mtp_finished_batch)
 PATCH_NAMES = tuple(p.NAME for p in PATCHES)
