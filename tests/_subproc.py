@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
+from pathlib import Path
 
 
 def run_py(code: str, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
@@ -23,3 +25,23 @@ def is_hooked(obj) -> bool:
     f = obj.__func__ if isinstance(obj, (classmethod, staticmethod)) else obj
     code = getattr(f, "__code__", None)
     return code is not None and code.co_filename.endswith("hook_registry.py")
+
+
+def alive(pid: int) -> bool:
+    """The process exists and is not a zombie (a zombie is dead for the lifecycle tests' purposes)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_dead(pids, seconds: float = 15.0) -> list[int]:
+    """The pids still alive after up to `seconds`."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and any(alive(p) for p in pids):
+        time.sleep(0.1)
+    return [p for p in pids if alive(p)]

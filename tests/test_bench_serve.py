@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _subproc import wait_dead
 
 from sglang_gemma4_opt.bench import serve
 from sglang_gemma4_opt.tools import server as srv
@@ -226,24 +227,6 @@ def _pids(piddir: Path, tag: str) -> list[int]:
     return [int(x) for x in (piddir / f"pids-{tag}").read_text().split()]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_dead(pids, seconds=15.0):
-    deadline = time.time() + seconds
-    while time.time() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if _alive(p)]
-
-
 @needs_client
 def test_off_vs_on_end_to_end_with_cold_pass_and_profile(tmp_path):
     """Stock prefill 80 ms / token 20 ms, plugin 60 / 15 ms: the recorded ratios come out near 80/60 and 20/15;
@@ -277,7 +260,7 @@ def test_off_vs_on_end_to_end_with_cold_pass_and_profile(tmp_path):
     assert runs["on"]["plugin_log_lines"] == ["INFO sglang-gemma4-opt: (fake) plugin switch 1"]
     assert "bench-serve on" in p.stdout and "cold pass throughput" in p.stdout
     # servers (and the child each started) are gone
-    assert not _wait_dead(_pids(piddir, "0") + _pids(piddir, "1"))
+    assert not wait_dead(_pids(piddir, "0") + _pids(piddir, "1"))
     argv = json.loads((piddir / "argv-1.json").read_text())["argv"]
     assert argv[argv.index("--load-format") + 1] == "dummy"
     assert (tmp_path / "model" / "target" / "config.json").exists()
@@ -326,7 +309,7 @@ def test_interrupt_stops_the_server_group(tmp_path, sig):
         if p.poll() is None:
             p.kill()
     assert rc == 128 + sig, p.stdout.read()
-    assert not _wait_dead(pids)
+    assert not wait_dead(pids)
     assert not (piddir / "pids-1").exists(), "no server starts after an interrupt"
 
 

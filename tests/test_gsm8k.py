@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _subproc import alive, wait_dead
 
 from sglang_gemma4_opt.tools import gsm8k_score as gs
 from sglang_gemma4_opt.tools import server as srv
@@ -275,22 +276,6 @@ def test_server_command_and_environment():
 
 
 # ----------------------------------------------------------------------------- server lifecycle
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_dead(pids, seconds=15.0):
-    deadline = time.time() + seconds
-    while time.time() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.1)
-    return [p for p in pids if _alive(p)]
 
 
 @pytest.fixture
@@ -350,7 +335,7 @@ def test_plugin_vs_stock_end_to_end_detects_a_drop(fake, tmp_path):
     for flag in ("--enable-deterministic-inference", "--speculative-draft-model-path", "--attention-backend"):
         assert flag in argv
     assert argv[argv.index("--attention-backend") + 1] == "triton"
-    assert not _wait_dead(_pids(fake.piddir, "1") + _pids(fake.piddir, "0"))
+    assert not wait_dead(_pids(fake.piddir, "1") + _pids(fake.piddir, "0"))
     assert (out / "gsm8k_report.md").read_text().startswith("# GSM8K regression: FAILED")
     assert (out / "plugin" / "tmp_output_gsm8k.txt").exists()
 
@@ -394,14 +379,14 @@ def test_interrupting_the_tool_kills_the_server_group(fake, tmp_path, sig):
         while not pidfile.exists() and time.time() < deadline:
             time.sleep(0.1)
         pids = _pids(fake.piddir, "1")
-        assert all(_alive(x) for x in pids)
+        assert all(alive(x) for x in pids)
         p.send_signal(sig)
         rc = p.wait(timeout=60)
     finally:
         if p.poll() is None:
             p.kill()
     assert rc == 128 + sig, p.stdout.read()
-    assert not _wait_dead(pids), "server or its child survived the interrupt"
+    assert not wait_dead(pids), "server or its child survived the interrupt"
     rep = json.loads((out / "gsm8k_report.json").read_text())
     assert rep["interrupted_by_signal"] == sig
     assert not (fake.piddir / "pids-0").exists(), "stock run must not start after an interrupt"
@@ -429,7 +414,7 @@ def test_ci_script_passes_sigterm_on_and_the_server_group_dies(fake, tmp_path):
         if p.poll() is None:
             p.kill()
     assert rc == 128 + signal.SIGTERM, p.stdout.read()
-    assert not _wait_dead(pids)
+    assert not wait_dead(pids)
     argv = json.loads((fake.piddir / "argv-1.json").read_text())
     assert argv[-1] == "--skip-server-warmup", "EXTRA_SERVER_ARGS reach the server"
 
@@ -442,7 +427,7 @@ def test_startup_timeout_and_busy_port(fake, tmp_path):
     rep = json.loads((tmp_path / "a" / "gsm8k_report.json").read_text())
     assert [r["name"] for r in rep["runs"]] == ["plugin", "stock"]
     assert all("not ready after 2 s" in r["error"] for r in rep["runs"])
-    assert not _wait_dead(_pids(fake.piddir, "1") + _pids(fake.piddir, "0"))
+    assert not wait_dead(_pids(fake.piddir, "1") + _pids(fake.piddir, "0"))
 
     import socket
 
@@ -472,7 +457,7 @@ def test_stop_escalates_to_sigkill_for_a_group_that_ignores_sigterm(tmp_path):
     p.stop()
     assert 1.0 <= time.time() - t0 < 15
     assert p.proc.returncode == -signal.SIGKILL
-    assert not _wait_dead([p.pgid, child]) and not srv.group_members(p.pgid)
+    assert not wait_dead([p.pgid, child]) and not srv.group_members(p.pgid)
     assert p not in srv.live()
     p.stop()  # idempotent
 

@@ -45,12 +45,10 @@ import statistics
 import sys
 import tempfile
 import time
-import urllib.error
 import urllib.request
 from pathlib import Path
 
-from . import common
-from . import e2e
+from . import common, e2e
 
 SUITE = "serve"
 HEALTH_PATH = "/health_generate"  # answers once a real generate has run (the model is loaded and serving)
@@ -590,7 +588,8 @@ def run_server(args, server: str, target: Path, draft: Path, log_dir: Path, pr_m
 # records
 
 
-def ratios(row: Row, base: dict, cand: dict) -> dict:
+def ratios(base: dict, cand: dict) -> dict:
+    """Per metric: latency baseline / candidate, throughput candidate / baseline (> 1: the candidate is better)."""
     out = {}
     for name, key in LATENCY_RATIOS.items():
         b, c = base.get(key), cand.get(key)
@@ -617,7 +616,7 @@ def make_records(results: dict[str, dict], pairs: list[tuple[str, str]], gpu: st
                 continue
             row = Row(**r_a["row"])
             ma, mb = r_a["metrics"], r_b["metrics"]
-            rs = ratios(row, ma, mb)
+            rs = ratios(ma, mb)
             judged = {k: rs[k] for k in row.ratio_names() if k in rs}
             rec = common.record(
                 SUITE, dict(row.case(), tp=tp, mtp=b.endswith(MTP_SUFFIX) or a.endswith(MTP_SUFFIX)),
