@@ -37,8 +37,8 @@ def status_report() -> dict:
     import logging
 
     from . import settings
-    from .core import apply
-    from .patches import PATCHES
+    from .core import apply, fallbacks
+    from .patches import PATCHES, SWITCH_NAMES
 
     logging.getLogger("sglang_gemma4_opt").setLevel(logging.ERROR)  # the table says it all
     res = apply()
@@ -47,6 +47,9 @@ def status_report() -> dict:
         "gpu": gpu_name(),
         "switches": {settings.ENV_ENABLE: settings.plugin_enabled(),
                      settings.ENV_DISABLE: sorted(settings.disabled_patches())},
+        "switch_problems": settings.switch_problems(SWITCH_NAMES),
+        # paths that failed in this process (a server's own appear in its log, one warning per path)
+        "fallbacks": fallbacks(),
         "patches": [dict(res[p.NAME].as_dict(), summary=p.SUMMARY) for p in PATCHES],
     }
 
@@ -66,7 +69,12 @@ def cmd_status(args) -> int:
         if p["reason"]:
             line += f" ({p['reason']})"
         print(line)
-    return 1 if args.strict and any(p["status"] == "failed" for p in rep["patches"]) else 0
+    for path, f in rep["fallbacks"].items():
+        print(f"fallback: {path} failed ({f['error']}); {f['calls_to_sglang']} call(s) went to sglang")
+    for problem in rep["switch_problems"]:
+        print(f"warning: {problem}")
+    failed = any(p["status"] == "failed" for p in rep["patches"]) or rep["switch_problems"]
+    return 1 if args.strict and failed else 0
 
 
 # Subcommands implemented in their own modules, imported only when used (they pull in GPU code).
@@ -88,7 +96,8 @@ def main(argv=None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     st = sub.add_parser("status", help="versions, GPU and what each patch does in this process")
     st.add_argument("--json", action="store_true", help="print JSON")
-    st.add_argument("--strict", action="store_true", help="exit 1 if any patch failed")
+    st.add_argument("--strict", action="store_true",
+                    help="exit 1 if any patch failed or a switch variable holds a value the plugin does not understand")
     st.set_defaults(func=cmd_status)
     for name, module, help_ in (
         ("bench", "bench.kernels", "kernel benchmarks, stock vs plugin, side by side on this GPU"),

@@ -46,6 +46,12 @@ class AlreadyUpstream(PatchSkip):
     status = UPSTREAM
 
 
+class Broken(PatchSkip):
+    """The plugin's own part (a kernel module, a shipped table) does not load: a failure, shown as such."""
+
+    status = FAILED
+
+
 class TargetChanged(PatchSkip):
     """The target exists but is not what the patch was written against."""
 
@@ -224,9 +230,11 @@ def apply() -> dict[str, PatchResult]:
     with _lock:
         if _results is not None:
             return _results
-        from .patches import PATCHES
+        from .patches import PATCHES, SWITCH_NAMES
 
         _ensure_log_handler()
+        for problem in settings.switch_problems(SWITCH_NAMES):
+            logger.warning("sglang-gemma4-opt: %s", problem)
         results: dict[str, PatchResult] = {}
         if not settings.plugin_enabled():
             for p in PATCHES:
@@ -260,3 +268,34 @@ def apply() -> dict[str, PatchResult]:
 
 def results() -> dict[str, PatchResult] | None:
     return _results
+
+
+# Plugin paths that raised in this process: the first error turns the path off (a compile error would
+# otherwise recompile on every call), is logged once per path, and every call sglang answers since is counted.
+_FALLBACKS: dict[str, dict] = {}
+
+
+def path_off(path: str) -> bool:
+    """True once `path` has failed in this process; counts the call, which the caller sends to sglang."""
+    rec = _FALLBACKS.get(path)
+    if rec is None:
+        return False
+    rec["calls_to_sglang"] += 1
+    return True
+
+
+def path_failed(path: str, exc: BaseException) -> None:
+    """Record that `path` raised: it is off from now on in this process, with one warning."""
+    with _lock:
+        if path in _FALLBACKS:
+            _FALLBACKS[path]["calls_to_sglang"] += 1
+            return
+        _FALLBACKS[path] = {"error": f"{type(exc).__name__}: {exc}", "calls_to_sglang": 1}
+    logger.warning("sglang-gemma4-opt: %s failed (%s: %s); sglang's path runs its calls for the rest of this "
+                   "process", path, type(exc).__name__, exc)
+
+
+def fallbacks() -> dict[str, dict]:
+    """{path: {"error": first error, "calls_to_sglang": n}} for the paths that failed in this process."""
+    with _lock:
+        return {k: dict(v) for k, v in _FALLBACKS.items()}

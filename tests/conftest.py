@@ -58,3 +58,12 @@ def sglang_version():
     import sglang
 
     return tuple(int(x) for x in sglang.__version__.split(".")[:3])
+
+
+@pytest.fixture(autouse=True)
+def _fresh_fallbacks(monkeypatch):
+    """A plugin path that failed stays off for the rest of its process (core.path_failed); each test starts
+    with none failed, so an expected failure in one test does not turn a path off in the next."""
+    from sglang_gemma4_opt import core
+
+    monkeypatch.setattr(core, "_FALLBACKS", {})

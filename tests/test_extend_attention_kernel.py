@@ -223,15 +223,23 @@ def test_newer_sglang_arguments(hopper):
         assert pk.route(dict(_call(), **{k: v}), extra) is not None, k
 
 
-def test_kernel_failure_falls_back_to_stock(hopper, hooked, monkeypatch):
+def test_kernel_failure_falls_back_to_stock_and_is_not_retried(hopper, hooked, monkeypatch):
+    from sglang_gemma4_opt import core
+
     fwd, went = hooked
+    tries = []
 
     def broken(**kw):
+        tries.append(1)
         raise RuntimeError("compile failed")
 
     monkeypatch.setattr(ka, "extend_attention_fwd", broken)
+    monkeypatch.setattr(core, "_FALLBACKS", {})
     fwd(**_call())
-    assert went == ["stock"]
+    fwd(**_call())
+    assert went == ["stock", "stock"] and len(tries) == 1
+    assert core.fallbacks()["extend_attention_kernel"] == {"error": "RuntimeError: compile failed",
+                                                           "calls_to_sglang": 2}
 
 
 def test_signature_of_installed_sglang():

@@ -151,17 +151,36 @@ def test_deterministic_inference_goes_to_sglang(hooked, monkeypatch):
     assert fn(**_call(*_moe())) == "theirs" and went == [("stock", None)]
 
 
-def test_kernel_error_falls_back_and_logs_once(on_gpu, monkeypatch, caplog):
+def test_kernel_error_falls_back_logs_once_and_is_not_retried(on_gpu, monkeypatch, caplog):
+    from sglang_gemma4_opt import core
+
+    tries = []
+
     def boom(*a, **k):
+        tries.append(1)
         raise RuntimeError("out of resources")
 
     monkeypatch.setattr(km, "fused_moe_small_batch", boom)
-    monkeypatch.setattr(pm, "_fallback_logged", False)
+    monkeypatch.setattr(core, "_FALLBACKS", {})
     hook = pm.make_hook(_signature(), {}, _table())
     with caplog.at_level("WARNING", logger="sglang_gemma4_opt"):
-        assert hook(lambda *a, **k: "theirs", **_call(*_moe())) == "theirs"
-        assert hook(lambda *a, **k: "theirs", **_call(*_moe())) == "theirs"
-    assert sum("fell back to sglang's path" in r.getMessage() for r in caplog.records) == 1
+        for _ in range(3):
+            assert hook(lambda *a, **k: "theirs", **_call(*_moe())) == "theirs"
+    assert len(tries) == 1, "a failed path must not be retried (a compile error would recompile every call)"
+    assert sum("moe_small_batch (small-batch path) failed" in r.getMessage() for r in caplog.records) == 1
+    assert core.fallbacks() == {"moe_small_batch (small-batch path)": {"error": "RuntimeError: out of resources",
+                                                                       "calls_to_sglang": 3}}
+
+
+def test_a_failed_decode_path_leaves_the_prefill_path_on_and_each_logs_its_own(on_gpu, monkeypatch, caplog):
+    from sglang_gemma4_opt import core
+
+    monkeypatch.setattr(core, "_FALLBACKS", {})
+    core.path_failed("moe_small_batch (small-batch path)", RuntimeError("decode"))
+    assert not core.path_off("moe_small_batch (grouped path)")
+    with caplog.at_level("WARNING", logger="sglang_gemma4_opt"):
+        core.path_failed("moe_small_batch (grouped path)", RuntimeError("prefill"))
+    assert any("grouped path) failed (RuntimeError: prefill)" in r.getMessage() for r in caplog.records)
 
 
 def test_routing_error_falls_back(on_gpu, monkeypatch):

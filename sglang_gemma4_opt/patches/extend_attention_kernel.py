@@ -29,10 +29,12 @@ import importlib
 import inspect
 import logging
 
-from ..core import HookSpec, NotApplicable, TargetChanged, import_first, sglang_deterministic
+from ..core import (Broken, HookSpec, NotApplicable, TargetChanged, import_first, path_failed, path_off,
+                    sglang_deterministic)
 from ..settings import trace_enabled
 
 NAME = "extend_attention_kernel"
+HD512_SWITCH = "extend_attention_hd512"  # SGLANG_GEMMA4_OPT_DISABLE: only the Gluon head-dim-512 kernel off
 SUMMARY = "Hopper Triton extend attention (pipelined, window-aware) for head dims 256/512, Gluon at 512"
 UPSTREAM = "none (plugin-only kernel)"
 REMOVE_WHEN = "sglang's extend attention matches it on Hopper at head dims 256/512"
@@ -53,7 +55,6 @@ BASE_PARAMS = (
 IGNORED = frozenset({"extend_seq_lens_cpu"})
 
 logger = logging.getLogger("sglang_gemma4_opt")
-_fallback_logged = False
 _traced: set = set()
 
 
@@ -105,7 +106,8 @@ def make_hook(params: tuple[str, ...], extra_defaults: dict):
     trace = trace_enabled()  # read once per process: the hook runs on every attention call
 
     def extend_attention_hook(original, *args, **kwargs):
-        global _fallback_logged
+        if path_off(NAME):  # the plugin's kernel failed before in this process
+            return original(*args, **kwargs)
         call = dict(zip(params, args))
         call.update(kwargs)
         try:
@@ -119,12 +121,10 @@ def make_hook(params: tuple[str, ...], extra_defaults: dict):
             try:
                 ka.extend_attention_fwd(**{k: call[k] for k in BASE_PARAMS if k in call})
                 return None
-            except Exception as e:  # e.g. a compile failure: sglang's kernel still answers
+            except Exception as e:  # e.g. a compile failure: sglang's kernel answers, now and from now on
                 if trace:
                     _trace(call, f"plugin kernel raised {type(e).__name__}: {e}")
-                if not _fallback_logged:
-                    _fallback_logged = True
-                    logger.warning("sglang-gemma4-opt: extend_attention_kernel fell back to sglang's kernel: %s", e)
+                path_failed(NAME, e)
         return original(*args, **kwargs)
 
     extend_attention_hook.route = route  # for tests and the benchmark
@@ -156,6 +156,6 @@ def prepare() -> list[HookSpec]:
     names, extra = signature_info(func)
     try:  # triton must import for the kernel
         importlib.import_module("..kernels.extend_attention", __package__)
-    except Exception as e:
-        raise NotApplicable(f"kernel module does not import: {e}")
+    except Exception as e:  # the plugin's own module is broken: a failure, not an absent target
+        raise Broken(f"kernel module does not import: {type(e).__name__}: {e}")
     return [HookSpec(f"{module.__name__}.{FUNC}", make_hook(names, extra), "around")]

@@ -37,7 +37,8 @@ import importlib
 import inspect
 import logging
 
-from ..core import HookSpec, NotApplicable, TargetChanged, import_first, sglang_deterministic
+from ..core import (Broken, HookSpec, NotApplicable, TargetChanged, import_first, path_failed, path_off,
+                    sglang_deterministic)
 from ..settings import disabled_patches, trace_enabled
 
 NAME = "moe_small_batch"
@@ -64,7 +65,6 @@ MUST_BE = {
 }
 
 logger = logging.getLogger("sglang_gemma4_opt")
-_fallback_logged = False
 _traced: set = set()
 _gpu_names: dict = {}
 
@@ -179,13 +179,14 @@ def make_hook(signature: inspect.Signature, extra_defaults: dict, table: dict | 
     min_g = min((e[0] for shapes in grouped_table.values() for e in shapes.values()), default=None)
 
     def fused_experts_impl_hook(original, *args, **kwargs):
-        global _fallback_logged
         x = args[0] if args else kwargs.get("hidden_states")
         m = getattr(x, "shape", (max_m + 1,))[0]
         if m > max_m and (min_g is None or m < min_g):  # between the tables: one comparison, then sglang
             return original(*args, **kwargs)
         grouped = m > max_m
         path = "grouped" if grouped else "small-batch"
+        if path_off(f"{NAME} ({path} path)"):  # failed before in this process
+            return original(*args, **kwargs)
         try:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
@@ -207,11 +208,8 @@ def make_hook(signature: inspect.Signature, extra_defaults: dict, table: dict | 
                 return fn(call["hidden_states"], call["w1"], call["w2"], call["topk_weights"], call["topk_ids"],
                           call["activation"], out=out, routed_scaling_factor=call["routed_scaling_factor"],
                           params=params)
-            except Exception as e:  # e.g. a compile failure: sglang's path still answers
-                if not _fallback_logged:
-                    _fallback_logged = True
-                    logger.warning("sglang-gemma4-opt: moe_small_batch (%s path) fell back to sglang's path: %s",
-                                   path, e)
+            except Exception as e:  # e.g. a compile failure: sglang's path answers, now and from now on
+                path_failed(f"{NAME} ({path} path)", e)
         return original(*args, **kwargs)
 
     fused_experts_impl_hook.route = route
@@ -264,8 +262,8 @@ def prepare() -> list[HookSpec]:
         km = importlib.import_module("..kernels.moe_small_batch", __package__)
         table = km.load_table()
         kg = importlib.import_module("..kernels.moe_grouped", __package__)
-    except Exception as e:
-        raise NotApplicable(f"kernel module or table does not load: {e}")
+    except Exception as e:  # the plugin's own module or shipped table is broken: a failure
+        raise Broken(f"kernel module or table does not load: {type(e).__name__}: {e}")
     try:
         grouped = kg.load_table() if grouped_enabled() else {}
     except Exception:
