@@ -172,8 +172,19 @@ def _install(name: str, specs: list[HookSpec]) -> PatchResult:
     for spec in specs:
         owner, attr, raw = resolve_attr(spec.target)
         before.append((spec, owner, attr, raw))
-    for spec in specs:
-        HookRegistry.register(spec.target, spec.hook, HookType[spec.kind.upper()], source=source)
+    registered: list[HookSpec] = []
+    try:
+        for spec in specs:
+            HookRegistry.register(spec.target, spec.hook, HookType[spec.kind.upper()], source=source)
+            registered.append(spec)
+    except Exception:
+        # All or nothing: a hook left registered would be applied by the next apply_hooks() (sglang's loader
+        # calls it after every plugin) while status says failed. HookRegistry has no public way to take a
+        # hook back; its `_hooks` table is the one place this module reaches into.
+        for spec in registered:
+            hooks = HookRegistry._hooks.get(spec.target, [])
+            hooks[:] = [h for h in hooks if h[1] is not spec.hook]
+        raise
     HookRegistry.apply_hooks()
 
     missing = [spec.target for spec, owner, attr, raw in before if _raw(owner, attr) is raw]

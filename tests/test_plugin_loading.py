@@ -266,6 +266,41 @@ out["second_untouched"] = not is_hooked(mod.get_default_config)
     assert out["first_untouched"] and out["second_untouched"]
 
 
+def test_register_failing_on_a_second_target_leaves_no_hook_behind():
+    """HookRegistry.register raising on a patch's second spec: the first spec's hook is taken back, so no later
+    apply_hooks() (sglang's loader runs one after every plugin) applies half the patch."""
+    pre = """
+from sglang_gemma4_opt.core import HookSpec
+import sglang_gemma4_opt.patches as P
+import types, importlib
+mod = importlib.import_module("sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe_triton_config")
+from sglang.srt.plugins.hook_registry import HookRegistry
+real_register = HookRegistry.register.__func__
+calls = []
+def register(cls, target, hook, *a, **k):
+    calls.append(target)
+    if target.endswith("get_default_config"):
+        raise ValueError("refused")
+    return real_register(cls, target, hook, *a, **k)
+HookRegistry.register = classmethod(register)
+def around(orig, *a, **k):
+    return orig(*a, **k)
+fake = types.SimpleNamespace(NAME="two_targets", SUMMARY="", UPSTREAM="", REMOVE_WHEN="",
+    prepare=lambda: [HookSpec(mod.__name__ + ".get_config_file_name", around),
+                     HookSpec(mod.__name__ + ".get_default_config", around)])
+P.PATCHES = P.PATCHES + (fake,)
+orig_name_fn = mod.get_config_file_name
+"""
+    extra = """
+HookRegistry.apply_hooks()  # what the loader does after the next plugin
+out["first_untouched"] = mod.get_config_file_name is orig_name_fn
+out["left_registered"] = [t for t, hs in HookRegistry._hooks.items() for h in hs if h[1] is around]
+"""
+    out, log = probe(pre=pre, extra=extra)
+    assert out["status"]["two_targets"] == "failed" and "refused" in out["reason"]["two_targets"]
+    assert out["left_registered"] == [] and out["first_untouched"]
+
+
 def test_exception_in_prepare_never_reaches_sglang():
     pre = """
 from sglang_gemma4_opt.patches import qkv_rmsnorm as q
