@@ -172,6 +172,7 @@ def _install(name: str, specs: list[HookSpec]) -> PatchResult:
     for spec in specs:
         owner, attr, raw = resolve_attr(spec.target)
         before.append((spec, owner, attr, raw))
+    marked_before = {spec.target for spec in specs if spec.target in HookRegistry._patched}  # another plugin's
     registered: list[HookSpec] = []
     try:
         for spec in specs:
@@ -199,7 +200,8 @@ def _install(name: str, specs: list[HookSpec]) -> PatchResult:
             _rebind(now.__func__ if isinstance(now, (classmethod, staticmethod)) else now, raw)
         hooks = HookRegistry._hooks.get(spec.target, [])
         hooks[:] = [h for h in hooks if h[1] is not spec.hook]
-        HookRegistry._patched.discard(spec.target)
+        if spec.target not in marked_before:  # a mark another plugin's hook set stays, or it would apply twice
+            HookRegistry._patched.discard(spec.target)
     return PatchResult(name, FAILED, f"HookRegistry did not apply {', '.join(missing)}; rolled back")
 
 

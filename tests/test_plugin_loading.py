@@ -266,6 +266,41 @@ out["second_untouched"] = not is_hooked(mod.get_default_config)
     assert out["first_untouched"] and out["second_untouched"]
 
 
+def test_rollback_keeps_another_plugins_hook_applied_once():
+    """Another plugin hooked a target before us; our patch on it and a second target fails and is rolled back.
+    The other plugin's hook must still run once per call after the next apply_hooks(), not twice."""
+    pre = """
+from sglang_gemma4_opt.core import HookSpec
+import sglang_gemma4_opt.patches as P
+import types, importlib
+mod = importlib.import_module("sglang.srt.layers.moe.moe_runner.triton_utils.fused_moe_triton_config")
+from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+seen = []
+def other(orig, *a, **k):
+    seen.append(1)
+    return orig(*a, **k)
+HookRegistry.register(mod.__name__ + ".get_config_dtype_str", other, HookType.AROUND)
+HookRegistry.apply_hooks()  # the other plugin, loaded first
+refused = mod.__name__ + ".get_default_config"
+HookRegistry._patched.add(refused)  # so our second target does not take the hook: the patch rolls back
+def around(orig, *a, **k):
+    return orig(*a, **k)
+fake = types.SimpleNamespace(NAME="two_targets", SUMMARY="", UPSTREAM="", REMOVE_WHEN="",
+    prepare=lambda: [HookSpec(mod.__name__ + ".get_config_dtype_str", around), HookSpec(refused, around)])
+P.PATCHES = P.PATCHES + (fake,)
+"""
+    extra = """
+import torch
+HookRegistry.apply_hooks()  # what sglang's loader does after the next plugin
+seen.clear()
+mod.get_config_dtype_str(torch.float32)
+out["other_hook_calls"] = len(seen)
+"""
+    out, log = probe(pre=pre, extra=extra)
+    assert out["status"]["two_targets"] == "failed"
+    assert out["other_hook_calls"] == 1
+
+
 def test_register_failing_on_a_second_target_leaves_no_hook_behind():
     """HookRegistry.register raising on a patch's second spec: the first spec's hook is taken back, so no later
     apply_hooks() (sglang's loader runs one after every plugin) applies half the patch."""
